@@ -1,0 +1,97 @@
+"""The raw text: a DatasetDict with `train` and `validation` splits and one `text` column."""
+
+from pathlib import Path
+
+import datasets
+
+from bert_mlm.errors import UserError
+
+# `datasets` builder for each file type data=text accepts.
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _pydocs_paragraphs(split: str):
+    from pydoc_data.topics import topics
+
+    # A fixed split by topic: every 10th topic (in sorted order) is validation.
+    for i, name in enumerate(sorted(topics)):
+        if (i % 10 == 9) == (split == "validation"):
+            for paragraph in topics[name].split("\n\n"):
+                if paragraph.strip():
+                    yield {"text": " ".join(paragraph.split())}
+
+
+def pydocs(cache_dir: str | None) -> datasets.DatasetDict:
+    """CPython's bundled reference docs (`pydoc_data.topics`, ~465 kB): always offline."""
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_generator(
+                _pydocs_paragraphs, gen_kwargs={"split": split}, cache_dir=cache_dir
+            )
+            for split in ("train", "validation")
+        }
+    )
+
+
+def _builder(files: list[str]) -> str:
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"data file '{f}' does not exist: check data.train_files / data.val_files")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    unknown = suffixes - BUILDERS.keys()
+    if unknown:
+        raise UserError(
+            f"data files of type {sorted(unknown)} are not supported: use one of {sorted(BUILDERS)}"
+        )
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise UserError(f"data files mix types {sorted(suffixes)}: use files of one type")
+    return builders.pop()
+
+
+def text_files(
+    train_files: list[str], val_files: list[str] | None, cache_dir: str | None
+) -> datasets.DatasetDict:
+    """Local .txt (one example per line), .json/.jsonl, .csv or .parquet files."""
+    if not train_files:
+        raise UserError("data=text needs files: set data.train_files=[a.txt,b.txt]")
+    data_files = {"train": list(train_files)}
+    if val_files:
+        data_files["validation"] = list(val_files)
+    builder = _builder([f for files in data_files.values() for f in files])
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        raise UserError(f"could not read data files {data_files}: {err}") from err
+
+
+def hub(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    """A dataset from the Hugging Face hub, e.g. wikitext / wikitext-103-raw-v1."""
+    try:
+        return datasets.load_dataset(name, config, cache_dir=cache_dir)
+    except Exception as err:  # offline, unknown name or config: all end the same way
+        raise UserError(
+            f"could not load dataset '{name}' ({config}) from the hub: {type(err).__name__}; "
+            "offline, use data=pydocs or data=text with local files"
+        ) from err
+
+
+def with_validation(
+    raw: datasets.DatasetDict, text_column: str, val_percent: float, seed: int
+) -> datasets.DatasetDict:
+    """Keeps only the text column (renamed `text`) and splits off validation if there is none."""
+    train = raw["train"]
+    if text_column not in train.column_names:
+        raise UserError(
+            f"the data has no column '{text_column}' (it has {train.column_names}): set data.text_column"
+        )
+    if len(train) == 0:
+        raise UserError("the training data is empty: check data.train_files")
+    if "validation" in raw:
+        validation = raw["validation"]
+    else:
+        split = train.train_test_split(test_size=val_percent / 100, seed=seed)
+        train, validation = split["train"], split["test"]
+    out = datasets.DatasetDict({"train": train, "validation": validation})
+    out = out.select_columns([text_column])
+    return out.rename_column(text_column, "text") if text_column != "text" else out

@@ -1,0 +1,160 @@
+"""MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
+
+import lightning as L
+import torch
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from bert_mlm import corpus
+from bert_mlm.errors import UserError
+from bert_mlm.masking import MaskingCollator
+
+CORPORA = ("pydocs", "text", "hub")
+
+
+def _tokenize(batch, tokenizer, packing: bool, max_length: int):
+    texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
+    if packing:  # special tokens are added per block, when packing
+        return {"input_ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": ids}
+
+
+def _pack(batch, cls_id: int, sep_id: int, max_length: int):
+    """Concatenates examples, [SEP] after each, and cuts [CLS] + chunk + [SEP] blocks.
+    The tail shorter than a block in each map batch (1000 examples) is dropped."""
+    stream = []
+    for ids in batch["input_ids"]:
+        stream.extend(ids)
+        stream.append(sep_id)
+    n = max_length - 2
+    return {
+        "input_ids": [[cls_id, *stream[i : i + n], sep_id] for i in range(0, len(stream) - n + 1, n)]
+    }
+
+
+class MLMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        corpus: str = "pydocs",
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        text_column: str = "text",
+        val_percent: float = 5.0,
+        hub_dataset: str | None = None,
+        hub_config: str | None = None,
+        max_length: int = 128,
+        packing: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        mlm_probability: float = 0.15,
+        mask_prob: float = 0.8,
+        random_prob: float = 0.1,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if corpus not in CORPORA:
+            raise UserError(f"data.corpus '{corpus}' is unknown: use one of {CORPORA}")
+        if not 0 < mlm_probability < 1:
+            raise UserError(f"data.mlm_probability={mlm_probability} must be between 0 and 1 (exclusive)")
+        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
+            raise UserError("data.mask_prob and data.random_prob must be >= 0 and sum to at most 1")
+        if not 0 < val_percent < 100:
+            raise UserError(f"data.val_percent={val_percent} must be between 0 and 100")
+        if max_length < 8:
+            raise UserError(f"data.max_length={max_length} is too short: use at least 8")
+        self.tokenizer = tokenizer
+        self.corpus = corpus
+        self.train_files, self.val_files = train_files, val_files
+        self.text_column, self.val_percent = text_column, val_percent
+        self.hub_dataset, self.hub_config = hub_dataset, hub_config
+        self.max_length, self.packing = max_length, packing
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.seed, self.cache_dir = seed, cache_dir
+        masking = dict(
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            special_token_ids=tokenizer.all_special_ids,
+            vocab_size=len(tokenizer),
+            mlm_probability=mlm_probability,
+            mask_prob=mask_prob,
+            random_prob=random_prob,
+            seed=seed,
+        )
+        self.train_collator = MaskingCollator(**masking)
+        self.val_collator = MaskingCollator(**masking, fixed_masks=True)
+        self.train_set = self.val_set = None
+
+    def _raw(self) -> DatasetDict:
+        if self.corpus == "pydocs":
+            raw = corpus.pydocs(self.cache_dir)
+        elif self.corpus == "text":
+            raw = corpus.text_files(self.train_files, self.val_files, self.cache_dir)
+        else:
+            raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir)
+        return corpus.with_validation(raw, self.text_column, self.val_percent, self.seed)
+
+    def _tokenized(self) -> DatasetDict:
+        """Token blocks; `datasets` caches each map by fingerprint, so later calls read the cache."""
+        raw = self._raw()
+        tokens = raw.map(
+            _tokenize,
+            batched=True,
+            remove_columns=["text"],
+            fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length),
+            desc="Tokenizing",
+        )
+        if self.packing:
+            tokens = tokens.map(
+                _pack,
+                batched=True,
+                fn_kwargs=dict(
+                    cls_id=self.tokenizer.cls_token_id,
+                    sep_id=self.tokenizer.sep_token_id,
+                    max_length=self.max_length,
+                ),
+                desc=f"Packing into blocks of {self.max_length}",
+            )
+        return tokens
+
+    def prepare_data(self):
+        # Lightning calls this on one process per node before the others run setup().
+        self._tokenized()
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is not None:
+            return
+        tokens = self._tokenized()
+        for split, ds in tokens.items():
+            if len(ds) == 0:
+                raise UserError(
+                    f"the {split} text is shorter than one block of data.max_length={self.max_length} "
+                    "tokens: add text or lower data.max_length"
+                )
+        if len(tokens["train"]) < self.batch_size:
+            raise UserError(
+                f"the training text makes {len(tokens['train'])} examples, fewer than one batch "
+                f"(data.batch_size={self.batch_size}): add text or lower data.batch_size"
+            )
+        self.train_set, self.val_set = tokens["train"], tokens["validation"]
+
+    def _loader(self, dataset, collator, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,  # full training batches only: steady shapes and step sizes
+            collate_fn=collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.train_collator, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_collator, shuffle=False)

@@ -1,0 +1,97 @@
+"""Dynamic masking: every batch gets fresh masks as it is drawn (BERT's 80/10/10 rule)."""
+
+from collections.abc import Sequence
+
+import zlib
+
+import torch
+from torch.utils.data import get_worker_info
+
+IGNORE = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
+
+
+class MaskingCollator:
+    """Pads a list of examples into a batch and masks it.
+
+    Of the tokens that are neither special nor padding, `mlm_probability` are chosen;
+    of those, `mask_prob` become `[MASK]`, `random_prob` a random token and the rest
+    stay. Labels hold the original token at chosen positions and IGNORE elsewhere.
+
+    The masks come from the collator's own generator, seeded with `seed` in the main
+    process and with the DataLoader's per-worker seed in workers, so the same seed
+    gives the same masks, each epoch gets new ones, and workers do not repeat each other.
+    With `fixed_masks` (for validation) a batch's masks depend only on `seed` and the
+    batch's tokens, so every validation pass scores the same masks.
+    """
+
+    def __init__(
+        self,
+        mask_token_id: int,
+        pad_token_id: int,
+        special_token_ids: Sequence[int],
+        vocab_size: int,
+        mlm_probability: float = 0.15,
+        mask_prob: float = 0.8,
+        random_prob: float = 0.1,
+        pad_to_multiple_of: int = 8,
+        seed: int = 0,
+        fixed_masks: bool = False,
+    ):
+        self.mask_token_id = mask_token_id
+        self.pad_token_id = pad_token_id
+        self.special_token_ids = torch.tensor(sorted(set(special_token_ids)))
+        self.vocab_size = vocab_size
+        self.mlm_probability = mlm_probability
+        self.mask_prob = mask_prob
+        self.random_prob = random_prob
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
+        self.fixed_masks = fixed_masks
+        self.generator = torch.Generator()
+        self._seeded_with: int | None = None
+
+    def _rng(self, input_ids: torch.Tensor) -> torch.Generator:
+        if self.fixed_masks:
+            return self.generator.manual_seed(zlib.crc32(input_ids.numpy().tobytes(), self.seed & 0xFFFFFFFF))
+        worker = get_worker_info()
+        seed = self.seed if worker is None else worker.seed  # a worker's seed changes every epoch
+        if seed != self._seeded_with:
+            self.generator.manual_seed(seed)
+            self._seeded_with = seed
+        return self.generator
+
+    def pad(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (B, T), T = longest example rounded up to
+        `pad_to_multiple_of` (tensor cores like multiples of 8)."""
+        rows = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
+        longest = max(len(r) for r in rows)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+        return input_ids, attention_mask
+
+    def mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (masked input_ids, labels), both (B, T); `input_ids` is left unchanged."""
+        rng = self._rng(input_ids)
+        maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        chosen = (torch.rand(input_ids.shape, generator=rng) < self.mlm_probability) & maskable
+        labels = torch.where(chosen, input_ids, IGNORE)
+        # One draw decides what a chosen token becomes: [0, mask) -> [MASK],
+        # [mask, mask + random) -> random token, the rest -> unchanged.
+        action = torch.rand(input_ids.shape, generator=rng)
+        to_mask = chosen & (action < self.mask_prob)
+        to_random = chosen & (action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)
+        random_tokens = torch.randint(self.vocab_size, input_ids.shape, generator=rng)
+        masked = torch.where(to_mask, self.mask_token_id, input_ids)
+        masked = torch.where(to_random, random_tokens, masked)
+        return masked, labels
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = self.pad(examples)
+        masked, labels = self.mask(input_ids, attention_mask)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}

