@@ -36,7 +36,7 @@ class MLMModule(L.LightningModule):
         if pretrained:
             config = load_config(pretrained)
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-            self.model = load_model(pretrained, config)
+            self.model = load_model(pretrained, config).train()  # from_pretrained returns eval mode
         else:
             config = BertConfig(
                 vocab_size=len(self.tokenizer),

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+# No hub at test time: hub names fail at once instead of retrying the network.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+os.environ.update(OFFLINE)
+
+# A run of a few seconds: a tiny model on short blocks (experiment=smoke).
+SMOKE = ["experiment=smoke", "logger=none", "data.num_workers=0"]
+
+
+@pytest.fixture
+def cfg_of(tmp_path):
+    """Composes conf/train.yaml with overrides, writing into tmp_path."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", *overrides],
+            )
+
+    return _compose
+
+
+def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m train` as a user runs it, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **OFFLINE},
+        cwd=run_dir.parent,
+    )

