@@ -74,8 +74,13 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = err  # Hydra's instantiate wraps what a constructor raised
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
