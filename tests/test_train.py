@@ -2,17 +2,27 @@
 
 import json
 import math
+import subprocess
+import sys
 
+import pytest
 import torch
 from transformers import pipeline
 
 from conftest import SMOKE, run_train
 
 
-def test_smoke_run_leaves_a_complete_run_folder(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("smoke")
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, *SMOKE, "logger=tensorboard", f"data.cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_smoke_run_leaves_a_complete_run_folder(smoke_run):
+    run_dir, proc = smoke_run
 
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -41,3 +51,22 @@ def test_smoke_run_leaves_a_complete_run_folder(tmp_path):
         module.model.bert.embeddings.word_embeddings.weight,
         exported.bert.embeddings.word_embeddings.weight,
     )
+
+
+def fill_mask(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fill_mask", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_fill_mask_command(smoke_run):
+    run_dir, _ = smoke_run
+    for source in (run_dir, run_dir / "checkpoints" / "last.ckpt"):
+        proc = fill_mask(str(source), "A [MASK] is raised when the [MASK] is missing.", "--top-k", "3")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = proc.stdout.splitlines()
+        assert lines[1].startswith("  [MASK] 1: ") and lines[2].startswith("  [MASK] 2: ")
+        assert lines[1].count("(") == 3  # three guesses with their probabilities
+    proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
+    proc = fill_mask(str(run_dir / "nowhere"), "a [MASK]")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -23,7 +23,10 @@ def locate(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
-            raise UserError(f"model path '{name}' does not exist or is not a folder: check model.pretrained")
+            raise UserError(
+                f"model path '{name}' does not exist or is not a folder: "
+                "give a model folder, a packaged name or a hub name"
+            )
         return str(path)
     return name
 

@@ -1,0 +1,57 @@
+"""`python -m fill_mask RUN_DIR_OR_MODEL "text with [MASK]" [--top-k K]`: try a trained model.
+
+RUN_DIR_OR_MODEL is a run folder (its hf_model/ is used), an exported model folder, a
+.ckpt file or a hub name. With no text, reads one text per line from stdin."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformers import pipeline
+
+from bert_mlm import MLMModule, UserError
+from bert_mlm.pretrained import locate
+
+
+def load(source: str):
+    path = Path(source)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise UserError(f"checkpoint {source} does not exist")
+        module = MLMModule.load_from_checkpoint(path, map_location="cpu")
+        return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer)
+    if (path / "hf_model").is_dir():
+        path = path / "hf_model"
+    try:
+        return pipeline("fill-mask", model=locate(str(path)))
+    except OSError as err:
+        raise UserError(f"could not load a model from '{source}': give a run folder, a model folder, "
+                        "a .ckpt or a hub name") from err
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fill_mask", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run folder, model folder, .ckpt or hub name")
+    parser.add_argument("text", nargs="*", help="texts with [MASK]; none: read lines from stdin")
+    parser.add_argument("--top-k", type=int, default=5)
+    args = parser.parse_args(argv)
+    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+    try:
+        fill = load(args.model)
+        mask = fill.tokenizer.mask_token
+        for text in texts:
+            if mask not in text:
+                raise UserError(f"no {mask} in {text!r}: put {mask} where a word should be predicted")
+            print(text)
+            results = fill(text, top_k=args.top_k)
+            # One list per [MASK] when there are several, a flat list when there is one.
+            for i, predictions in enumerate(results if isinstance(results[0], list) else [results]):
+                guesses = ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in predictions)
+                print(f"  [MASK] {i + 1}: {guesses}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
