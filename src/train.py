@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -30,6 +31,8 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
     L.seed_everything(cfg.seed, workers=True)
     module: MLMModule = instantiate(cfg.model, _convert_="all")
     positions = module.model.config.max_position_embeddings

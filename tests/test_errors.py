@@ -1,6 +1,7 @@
 """Bad input ends with one `error:` line on stderr, a non-zero exit and nothing lost."""
 
 import pytest
+import torch
 
 from conftest import SMOKE, run_train
 
@@ -28,11 +29,15 @@ CASES = {
     "text column missing": (["data=text", "data.train_files=[{d}/data.csv]", "data.text_column=text"], "data.text_column"),
     "hub model offline": (["model=bert-base-uncased"], "model=minilm"),
     "checkpoint missing": (["ckpt_path={d}/none.ckpt"], "ckpt_path"),
+    "endless training": (["trainer.max_steps=-1"], "trainer.max_steps"),
+    "no GPU": (["trainer=gpu"], "trainer=cpu"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_error_line(tmp_path, case):
+    if case == "no GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     overrides, needle = CASES[case]
     d = files(tmp_path)
     run_dir = tmp_path / "run"

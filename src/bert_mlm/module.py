@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
 
 from bert_mlm.pretrained import load_config, load_model, load_tokenizer
+from bert_mlm.errors import UserError
 from bert_mlm.masking import IGNORE
 
 
@@ -100,5 +101,7 @@ class MLMModule(L.LightningModule):
         ]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total_steps = self.trainer.estimated_stepping_batches
+        if total_steps == float("inf"):
+            raise UserError("training has no end: set trainer.max_steps or trainer.max_epochs")
         scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
