@@ -8,10 +8,12 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bert_mlm import MLMDataModule, MLMModule, UserError
+from bert_mlm import MLMDataModule, MLMModule, UserError, launch
 from bert_mlm.throughput import TokensPerSecond
 
 
@@ -24,6 +26,24 @@ def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def _precision(precision: str) -> str:
+    """`mixed`: bf16 autocast, except on a GPU without bf16, where fp16 with loss scaling."""
+    if precision != "mixed":
+        return precision
+    return "16-mixed" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16-mixed"
+
+
+def _check_launch(cfg: DictConfig) -> None:
+    if not HydraConfig.initialized():  # called from Python (tests), not the command line
+        return
+    hydra_cfg = HydraConfig.get()
+    launch.check(
+        cfg.trainer.get("strategy"),
+        multirun=hydra_cfg.mode == RunMode.MULTIRUN,
+        run_dir_given=any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra),
+    )
+
+
 def _val_metrics(results: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in results[0].items()}
 
@@ -33,6 +53,9 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
+    if cfg.data.streaming and cfg.trainer.max_steps <= 0:
+        raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
+    _check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     module: MLMModule = instantiate(cfg.model, _convert_="all")
     positions = module.model.config.max_position_embeddings
@@ -46,7 +69,13 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
     callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, _convert_="all")
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        precision=_precision(cfg.trainer.precision),
+        logger=logger,
+        callbacks=callbacks,
+        _convert_="all",
+    )
 
     before = _val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()

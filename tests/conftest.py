@@ -31,13 +31,18 @@ def cfg_of(tmp_path):
     return _compose
 
 
+def run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **OFFLINE}, cwd=cwd
+    )
+
+
 def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m train` as a user runs it, in its own process."""
-    return subprocess.run(
-        [sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **OFFLINE},
-        cwd=run_dir.parent,
-    )
+    return run([sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *overrides], run_dir.parent, timeout)
+
+
+def last_error(proc: subprocess.CompletedProcess) -> str:
+    """The last line on stderr, which for bad input is the `error:` line."""
+    assert proc.returncode != 0
+    return proc.stderr.strip().splitlines()[-1]

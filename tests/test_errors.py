@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import SMOKE, run_train
+from conftest import SMOKE, last_error, run_train
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
@@ -31,6 +31,7 @@ CASES = {
     "checkpoint missing": (["ckpt_path={d}/none.ckpt"], "ckpt_path"),
     "endless training": (["trainer.max_steps=-1"], "trainer.max_steps"),
     "no GPU": (["trainer=gpu"], "trainer=cpu"),
+    "streaming without max_steps": (["data.streaming=true", "trainer.max_steps=-1"], "trainer.max_steps"),
 }
 
 
@@ -45,8 +46,7 @@ def test_bad_input_gives_one_error_line(tmp_path, case):
     (run_dir / "keep.txt").write_text("earlier work")
     proc = run_train(run_dir, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}",
                      *(o.format(d=d) for o in overrides))
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
+    last = last_error(proc)
     assert last.startswith("error: ") and needle in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert (run_dir / "keep.txt").read_text() == "earlier work"

@@ -6,6 +6,8 @@ import datasets
 
 from bert_mlm.errors import UserError
 
+Corpus = datasets.DatasetDict | datasets.IterableDatasetDict
+
 # `datasets` builder for each file type data=text accepts.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -21,16 +23,17 @@ def _pydocs_paragraphs(split: str):
                     yield {"text": " ".join(paragraph.split())}
 
 
-def pydocs(cache_dir: str | None) -> datasets.DatasetDict:
+def pydocs(cache_dir: str | None, streaming: bool = False) -> Corpus:
     """CPython's bundled reference docs (`pydoc_data.topics`, ~465 kB): always offline."""
-    return datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_generator(
-                _pydocs_paragraphs, gen_kwargs={"split": split}, cache_dir=cache_dir
-            )
-            for split in ("train", "validation")
-        }
-    )
+    splits = {
+        split: datasets.Dataset.from_generator(
+            _pydocs_paragraphs, gen_kwargs={"split": split}, cache_dir=cache_dir
+        )
+        for split in ("train", "validation")
+    }
+    if streaming:
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in splits.items()})
+    return datasets.DatasetDict(splits)
 
 
 def _builder(files: list[str]) -> str:
@@ -50,8 +53,8 @@ def _builder(files: list[str]) -> str:
 
 
 def text_files(
-    train_files: list[str], val_files: list[str] | None, cache_dir: str | None
-) -> datasets.DatasetDict:
+    train_files: list[str], val_files: list[str] | None, cache_dir: str | None, streaming: bool = False
+) -> Corpus:
     """Local .txt (one example per line), .json/.jsonl, .csv or .parquet files."""
     if not train_files:
         raise UserError("data=text needs files: set data.train_files=[a.txt,b.txt]")
@@ -60,15 +63,15 @@ def text_files(
         data_files["validation"] = list(val_files)
     builder = _builder([f for files in data_files.values() for f in files])
     try:
-        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         raise UserError(f"could not read data files {data_files}: {err}") from err
 
 
-def hub(name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+def hub(name: str, config: str | None, cache_dir: str | None, streaming: bool = False) -> Corpus:
     """A dataset from the Hugging Face hub, e.g. wikitext / wikitext-103-raw-v1."""
     try:
-        return datasets.load_dataset(name, config, cache_dir=cache_dir)
+        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
     except Exception as err:  # offline, unknown name or config: all end the same way
         raise UserError(
             f"could not load dataset '{name}' ({config}) from the hub: {type(err).__name__}; "
@@ -77,21 +80,27 @@ def hub(name: str, config: str | None, cache_dir: str | None) -> datasets.Datase
 
 
 def with_validation(
-    raw: datasets.DatasetDict, text_column: str, val_percent: float, seed: int
-) -> datasets.DatasetDict:
-    """Keeps only the text column (renamed `text`) and splits off validation if there is none."""
+    raw: Corpus, text_column: str, val_percent: float, val_rows: int, seed: int
+) -> Corpus:
+    """Keeps only the text column (renamed `text`) and splits off validation if there is none:
+    `val_percent` of the rows, or when streaming (length unknown) the first `val_rows`."""
     train = raw["train"]
-    if text_column not in train.column_names:
-        raise UserError(
-            f"the data has no column '{text_column}' (it has {train.column_names}): set data.text_column"
-        )
-    if len(train) == 0:
+    streaming = isinstance(train, datasets.IterableDataset)
+    try:  # a stream may not know its columns before it is read
+        columns = train.column_names or list(next(iter(train)))
+    except StopIteration:
+        columns = []
+    if not columns or (not streaming and len(train) == 0):
         raise UserError("the training data is empty: check data.train_files")
+    if text_column not in columns:
+        raise UserError(f"the data has no column '{text_column}' (it has {columns}): set data.text_column")
     if "validation" in raw:
         validation = raw["validation"]
+    elif streaming:
+        train, validation = train.skip(val_rows), train.take(val_rows)
     else:
         split = train.train_test_split(test_size=val_percent / 100, seed=seed)
         train, validation = split["train"], split["test"]
-    out = datasets.DatasetDict({"train": train, "validation": validation})
-    out = out.select_columns([text_column])
+    kind = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
+    out = kind({"train": train, "validation": validation}).select_columns([text_column])
     return out.rename_column(text_column, "text") if text_column != "text" else out

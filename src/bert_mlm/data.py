@@ -2,7 +2,7 @@
 
 import lightning as L
 import torch
-from datasets import DatasetDict
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -49,6 +49,9 @@ class MLMDataModule(L.LightningDataModule):
         packing: bool = True,
         batch_size: int = 32,
         num_workers: int = 0,
+        streaming: bool = False,
+        val_rows: int = 1000,
+        shuffle_buffer: int = 10_000,
         mlm_probability: float = 0.15,
         mask_prob: float = 0.8,
         random_prob: float = 0.1,
@@ -73,6 +76,7 @@ class MLMDataModule(L.LightningDataModule):
         self.hub_dataset, self.hub_config = hub_dataset, hub_config
         self.max_length, self.packing = max_length, packing
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir
         masking = dict(
             mask_token_id=tokenizer.mask_token_id,
@@ -88,26 +92,29 @@ class MLMDataModule(L.LightningDataModule):
         self.val_collator = MaskingCollator(**masking, fixed_masks=True)
         self.train_set = self.val_set = None
 
-    def _raw(self) -> DatasetDict:
+    def _raw(self) -> corpus.Corpus:
         if self.corpus == "pydocs":
-            raw = corpus.pydocs(self.cache_dir)
+            raw = corpus.pydocs(self.cache_dir, self.streaming)
         elif self.corpus == "text":
-            raw = corpus.text_files(self.train_files, self.val_files, self.cache_dir)
+            raw = corpus.text_files(self.train_files, self.val_files, self.cache_dir, self.streaming)
         else:
-            raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir)
-        return corpus.with_validation(raw, self.text_column, self.val_percent, self.seed)
+            raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir, self.streaming)
+        return corpus.with_validation(raw, self.text_column, self.val_percent, self.val_rows, self.seed)
 
-    def _tokenized(self) -> DatasetDict:
-        """Token blocks; `datasets` caches each map by fingerprint, so later calls read the cache."""
-        raw = self._raw()
+    def _tokenized(self, raw: corpus.Corpus) -> corpus.Corpus:
+        """Token blocks. On a Dataset `datasets` caches each map by fingerprint, so later
+        runs read the cache; on a stream the maps run lazily, as examples are drawn."""
+        # `desc` draws a progress bar; streams have none.
+        progress = {} if self.streaming else {"desc": "Tokenizing"}
         tokens = raw.map(
             _tokenize,
             batched=True,
             remove_columns=["text"],
             fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length),
-            desc="Tokenizing",
+            **progress,
         )
         if self.packing:
+            progress = {} if self.streaming else {"desc": f"Packing into blocks of {self.max_length}"}
             tokens = tokens.map(
                 _pack,
                 batched=True,
@@ -116,18 +123,36 @@ class MLMDataModule(L.LightningDataModule):
                     sep_id=self.tokenizer.sep_token_id,
                     max_length=self.max_length,
                 ),
-                desc=f"Packing into blocks of {self.max_length}",
+                **progress,
             )
         return tokens
 
     def prepare_data(self):
         # Lightning calls this on one process per node before the others run setup().
-        self._tokenized()
+        if not self.streaming:
+            self._tokenized(self._raw())
 
     def setup(self, stage: str | None = None):
         if self.train_set is not None:
             return
-        tokens = self._tokenized()
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_collator.seed = self.seed + rank  # each rank draws its own masks
+        if self.streaming:
+            self._setup_stream(rank, world_size)
+        else:
+            self._setup_tokenized()
+
+    def _setup_stream(self, rank: int, world_size: int):
+        raw = self._raw()
+        raw["train"] = raw["train"].shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        # Each rank reads its own shard (whole files when they divide evenly, else every Nth example).
+        tokens = self._tokenized(raw)
+        self.train_set, self.val_set = (
+            split_dataset_by_node(tokens[split], rank, world_size) for split in ("train", "validation")
+        )
+
+    def _setup_tokenized(self):
+        tokens = self._tokenized(self._raw())
         for split, ds in tokens.items():
             if len(ds) == 0:
                 raise UserError(
@@ -141,12 +166,12 @@ class MLMDataModule(L.LightningDataModule):
             )
         self.train_set, self.val_set = tokens["train"], tokens["validation"]
 
-    def _loader(self, dataset, collator, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, collator, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,  # full training batches only: steady shapes and step sizes
+            shuffle=train and not self.streaming,  # a stream is shuffled through a buffer
+            drop_last=train,  # full training batches only: steady shapes and step sizes
             collate_fn=collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -154,7 +179,7 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.train_collator, shuffle=True)
+        return self._loader(self.train_set, self.train_collator, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_collator, shuffle=False)
+        return self._loader(self.val_set, self.val_collator, train=False)
