@@ -1,11 +1,11 @@
-# make install | train | test | tensorboard | clean
+# make install | train | test | bench | tensorboard | clean
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # This machine's CPU build of torch; GPU users: make install TORCH=torch (or your CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test tensorboard clean
+.PHONY: install train test bench tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,12 @@ train: install
 test: install
 	$(PY) -m pytest $(ARGS)
 
+# This project against the Hugging Face Trainer recipe; BENCH="--size base" etc. (about 8 min on 2 CPU cores)
+bench: install
+	$(PY) benchmarks/bench.py $(BENCH)
+
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir_spec outputs:outputs,multirun:multirun
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache .bench

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch
-from bert_mlm.throughput import TokensPerSecond
+from bert_mlm.throughput import Throughput
 
 
 def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -26,11 +26,14 @@ def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def _precision(precision: str) -> str:
-    """`mixed`: bf16 autocast, except on a GPU without bf16, where fp16 with loss scaling."""
+def _precision(precision: str, accelerator: str) -> str:
+    """`mixed`: bf16 autocast where the hardware runs bf16 natively; else fp16 with loss
+    scaling on a GPU, and fp32 on a CPU (where emulated bf16 is slower than fp32)."""
     if precision != "mixed":
         return precision
-    return "16-mixed" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16-mixed"
+    if accelerator == "cpu":
+        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -48,9 +51,8 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in results[0].items()}
 
 
-def train(cfg: DictConfig) -> dict:
-    """Trains as `cfg` says and returns what it writes to `metrics.json`."""
-    output_dir = Path(cfg.output_dir)
+def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:
+    """Checks `cfg` and builds what it describes: the module, the data and the trainer."""
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
     if cfg.data.streaming and cfg.trainer.max_steps <= 0:
@@ -66,16 +68,22 @@ def train(cfg: DictConfig) -> dict:
     datamodule: MLMDataModule = instantiate(
         cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all"
     )
-    ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
-    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
-    logger = instantiate(cfg.logger) if cfg.logger else False
+    callbacks = [*(instantiate(c, _convert_="all") for c in cfg.callbacks.values()), *callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        precision=_precision(cfg.trainer.precision),
-        logger=logger,
+        precision=_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        logger=instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
         _convert_="all",
     )
+    return module, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict:
+    """Trains as `cfg` says and returns what it writes to `metrics.json`."""
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
+    module, datamodule, trainer = build(cfg)
 
     before = _val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()
@@ -83,7 +91,7 @@ def train(cfg: DictConfig) -> dict:
     wall_s = time.perf_counter() - start
     after = _val_metrics(trainer.validate(module, datamodule))
 
-    throughput = next((c for c in callbacks if isinstance(c, TokensPerSecond)), None)
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     metrics = {
         "before": before,
         "after": after,

@@ -149,3 +149,16 @@ def test_checkpoint_restores_identical_weights(fitted, tmp_path):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradients_are_clipped_with_the_fused_optimizer(precision):
+    module = tiny_module()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=0.01,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader([make_batch(module, seed=s) for s in range(2)], batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"]
+    # The last step's gradients are still there, clipped to norm 0.01 (unclipped: ~10).
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert norm.item() == pytest.approx(0.01, rel=1e-3)

@@ -1,38 +1,69 @@
-"""train/tokens_per_sec: input tokens (padding excluded) per second of wall time."""
+"""train/tokens_per_sec and train/mfu: input tokens (padding excluded) per second of wall
+time, and the model FLOPs they stand for as a share of the device's peak."""
 
 import time
 
 import lightning as L
 import torch
 
+from bert_mlm.flops import flops_per_token, peak_flops
 
-class TokensPerSecond(L.Callback):
+
+class Throughput(L.Callback):
     """Times training from the end of batch `warmup_batches` on, so the clock covers
-    data loading, masking, forward, backward and optimizer step of every later batch.
-    Tokens are summed on the device and read only when logged, to avoid a sync per step."""
+    data loading, masking, forward, backward and optimizer step of every later batch;
+    validation (and the checkpointing after it) is left out.
+    Tokens are summed on the device and read only when logged, to avoid a sync per step.
 
-    def __init__(self, warmup_batches: int = 3):
+    MFU divides by `peak_tflops` when set, else by the datasheet bf16 peak of a known GPU,
+    or on a CPU by `cpu_peak_tflops`: what a large bf16 matrix product reaches there
+    (`make bench` measures it)."""
+
+    def __init__(self, warmup_batches: int = 3, peak_tflops: float | None = None, cpu_peak_tflops: float = 0.38):
         self.warmup_batches = warmup_batches
+        self.peak_tflops = peak_tflops
+        self.cpu_peak_tflops = cpu_peak_tflops
         self.tokens_per_sec: float | None = None
 
     def on_train_start(self, trainer, pl_module):
         self._batches = 0
         self._tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)
         self._start = None
+        self._paused = 0.0  # seconds spent in validation since the start
+        self._flops_per_token = None
+        device = pl_module.device
+        peak = self.peak_tflops or (self.cpu_peak_tflops if device.type == "cpu" else None)
+        peak = peak * 1e12 if peak else peak_flops(device)
+        self._peak = peak and peak * trainer.world_size
+
+    def _rate(self, tokens: float) -> float:
+        return tokens / (time.perf_counter() - self._start - self._paused)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and self._start is not None:
+            self._paused += time.perf_counter() - self._validation_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches += 1
         if self._batches == self.warmup_batches:
             self._start = time.perf_counter()
+            mlm_probability = trainer.datamodule.train_collator.mlm_probability
+            seq_len = batch["input_ids"].shape[1]
+            self._flops_per_token = flops_per_token(pl_module.model.config, seq_len, mlm_probability)
         elif self._start is not None:
             self._tokens += batch["attention_mask"].sum()
             if trainer.global_step % trainer.log_every_n_steps == 0:
                 # Every rank has the same number of batches; packed ones the same tokens too.
-                rate = self._tokens.item() * trainer.world_size / (time.perf_counter() - self._start)
-                pl_module.log("train/tokens_per_sec", rate, rank_zero_only=True)
+                rate = self._rate(self._tokens.item() * trainer.world_size)
+                metrics = {"train/tokens_per_sec": rate}
+                if self._peak:
+                    metrics["train/mfu"] = rate * self._flops_per_token / self._peak
+                pl_module.log_dict(metrics, rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module):
         if self._start is None:
             return  # too few batches to measure
-        tokens = trainer.strategy.reduce(self._tokens.float(), reduce_op="sum")
-        self.tokens_per_sec = tokens.item() / (time.perf_counter() - self._start)
+        self.tokens_per_sec = self._rate(trainer.strategy.reduce(self._tokens.float(), reduce_op="sum").item())

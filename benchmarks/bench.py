@@ -1,0 +1,228 @@
+"""`make bench`: this project's MLMModule, trained through the Lightning Trainer as users
+run it, against the Hugging Face recipe (Trainer + DataCollatorForLanguageModeling +
+BertForMaskedLM, as in transformers' run_mlm.py), on the same data, architecture, sequence
+length, batch size and number of steps. Each run is its own process (so peak memory is its
+own), and the runners alternate over rounds; the table shows each runner's best round.
+
+    python benchmarks/bench.py [--size minilm|base|tiny] [--steps 20] [--rounds 2] ...
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+SIZES = {  # layers, hidden, heads, intermediate
+    "tiny": (2, 128, 2, 512),
+    "minilm": (6, 384, 12, 1536),
+    "base": (12, 768, 12, 3072),
+}
+LR, WARMUP_LR_STEPS, SEED = 5e-4, 5, 42
+
+
+def config_overrides(args) -> list[str]:
+    layers, hidden, heads, inter = SIZES[args.size]
+    data = (["data=text", f"data.train_files=[{WIKITEXT}]"] if WIKITEXT.exists() else ["data=pydocs"])
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    return [
+        "model=tiny", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
+        f"model.num_heads={heads}", f"model.intermediate_size={inter}", f"model.lr={LR}",
+        f"model.warmup_steps={WARMUP_LR_STEPS}", *data, f"data.max_length={args.seq}",
+        f"data.batch_size={args.batch}", f"trainer.accelerator={accelerator}",
+        f"trainer.max_steps={args.warmup + args.steps}", "trainer.val_check_interval=1000000",
+        "+trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false", "logger=none", "~callbacks.checkpoint",
+        f"callbacks.throughput.warmup_batches={args.warmup}", f"seed={SEED}",
+        f"data.cache_dir={args.cache_dir}", f"output_dir={args.cache_dir}",
+    ]
+
+
+def compose(args, extra: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[*config_overrides(args), *extra])
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def val_loss(model, datamodule, device: str, batches: int = 10) -> float:
+    """Loss over masked tokens of the first validation batches (the same fixed masks for
+    every runner), from HF's own forward in fp32: one yardstick for both recipes."""
+    model.eval().to(device)
+    total = count = 0.0
+    with torch.no_grad():
+        for _, batch in zip(range(batches), datamodule.val_dataloader()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = (batch["labels"] != -100).sum().item()
+            total += model(**batch).loss.item() * n
+            count += n
+    return total / count
+
+
+def run_ours(args) -> dict:
+    import lightning as L
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from train import build
+
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].detach())
+
+    cfg = compose(args, args.ours.split())
+    module, datamodule, trainer = build(cfg, callbacks=[Losses()])
+    trainer.fit(module, datamodule)
+    tps = next(c for c in trainer.callbacks if type(c).__name__ == "Throughput").tokens_per_sec
+    return {"tokens_per_sec": tps, "losses": [float(x) for x in losses],
+            "val_loss": val_loss(module.model, datamodule, args.device),
+            "precision": trainer.precision, "config": module.model.config.to_dict()}
+
+
+def run_hf(args, bf16: bool) -> dict:
+    from transformers import (BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from train import build
+
+    # The same token blocks ours trains on, from our data module.
+    cfg = compose(args, [])
+    module, datamodule, _ = build(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    tokenizer = module.tokenizer
+    layers, hidden, heads, inter = SIZES[args.size]
+    model = BertForMaskedLM(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=inter, pad_token_id=tokenizer.pad_token_id))
+    del module
+
+    times, losses = [], []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.cache_dir) / "hf"), per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps, learning_rate=LR, warmup_steps=WARMUP_LR_STEPS,
+        weight_decay=0.01, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0,
+        lr_scheduler_type="linear", bf16=bf16, use_cpu=args.device == "cpu", logging_steps=1,
+        save_strategy="no", report_to=[], seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    trainer = Trainer(model=model, args=training_args, train_dataset=datamodule.train_set,
+                      data_collator=collator, callbacks=[Record()])
+    trainer.train()
+    tokens = args.steps * args.batch * args.seq  # packed blocks: no padding
+    return {"tokens_per_sec": tokens / (times[-1] - times[args.warmup - 1]), "losses": losses,
+            "val_loss": val_loss(model, datamodule, args.device),
+            "precision": "bf16-mixed" if bf16 else "32-true", "config": model.config.to_dict()}
+
+
+def worker(args) -> None:
+    result = run_ours(args) if args.worker == "ours" else run_hf(args, bf16=args.worker == "hf-bf16")
+    result["peak_memory_gb"] = peak_memory_gb(args.device)
+    print("RESULT " + json.dumps(result))
+
+
+def measure_peak(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix product: the roofline MFU is measured against on a CPU."""
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = 0.0
+    for _ in range(4):  # the best of 4 tries: the first warms up, others may be disturbed
+        start, reps = time.perf_counter(), 10
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=SIZES, default="minilm")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps, after --warmup")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runners", default="ours,hf-bf16,hf-fp32")
+    parser.add_argument("--ours", default="", help="extra overrides for ours, e.g. 'model.dropout=0.1'")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from bert_mlm.flops import flops_per_token, peak_flops
+    from transformers import BertConfig
+
+    runners = args.runners.split(",")
+    results: dict[str, list[dict]] = {r: [] for r in runners}
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("out", "worker")]
+    for round_ in range(args.rounds):
+        for runner in runners:
+            print(f"round {round_ + 1}/{args.rounds}: {runner} ...", flush=True)
+            proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", runner],
+                                  capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"error: the {runner} run failed:\n{proc.stderr[-3000:]}")
+            results[runner].append(json.loads(line[len("RESULT "):]))
+
+    best = {r: max(rs, key=lambda x: x["tokens_per_sec"]) for r, rs in results.items()}
+    config = BertConfig(**next(iter(best.values()))["config"])
+    fpt = flops_per_token(config, args.seq, 0.15)
+    peak = {"bf16": peak_flops(torch.device(args.device)), "fp32": None}
+    if args.device == "cpu":
+        peak = {"bf16": measure_peak("cpu", torch.bfloat16), "fp32": measure_peak("cpu", torch.float32)}
+    base = best.get("hf-bf16") or next(iter(best.values()))
+    print(f"\n{args.size} architecture ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}), seq {args.seq}, batch {args.batch}, {args.steps} timed steps "
+          f"after {args.warmup}, best of {args.rounds} rounds, on {args.device}; "
+          f"data: {'wikitext-2 valid' if WIKITEXT.exists() else 'pydocs'}")
+    print(f"model FLOPs per token (fwd+bwd, MLM head on 15% of tokens): {fpt / 1e6:.1f} M; "
+          + ", ".join(f"measured {k} peak {v / 1e12:.3f} TFLOP/s" for k, v in peak.items() if v))
+    header = f"| {'runner':10} | {'precision':10} | {'tokens/s':>9} | {'x HF bf16':>9} | {'peak mem GB':>11} | {'val loss':>8} | {'TFLOP/s':>8} | {'MFU':>6} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for runner, r in best.items():
+        achieved = fpt * r["tokens_per_sec"]
+        p = peak["bf16" if "bf16" in r["precision"] else "fp32"]
+        mfu = f"{achieved / p:6.1%}" if p else "   n/a"
+        print(f"| {runner:10} | {r['precision']:10} | {r['tokens_per_sec']:9,.0f} | "
+              f"{r['tokens_per_sec'] / base['tokens_per_sec']:9.2f} | {r['peak_memory_gb']:11.2f} | "
+              f"{r['val_loss']:8.3f} | {achieved / 1e12:8.3f} | {mfu} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "peak": peak,
+                                              "flops_per_token": fpt}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
