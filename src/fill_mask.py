@@ -18,7 +18,7 @@ def load(source: str):
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise UserError(f"checkpoint {source} does not exist")
-        module = MLMModule.load_from_checkpoint(path, map_location="cpu")
+        module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer)
     if (path / "hf_model").is_dir():
         path = path / "hf_model"

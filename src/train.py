@@ -1,6 +1,8 @@
 """`python -m train [group=option ...] [key=value ...]`: compose the config, build, fit, export."""
 
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch
@@ -24,6 +27,29 @@ def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
     return str(path)
+
+
+def _check_fits(ckpt_path: str, module: MLMModule) -> None:
+    """Refuses a checkpoint of another model size before training starts."""
+    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+    ours = module.state_dict()
+    wrong = [k for k in ours if k not in saved or saved[k].shape != ours[k].shape]
+    if wrong:
+        raise UserError(
+            f"checkpoint {ckpt_path} is of another model ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
+            "resume with the model settings it was trained with"
+        )
+
+
+def _check_devices(trainer_cfg: DictConfig) -> None:
+    gpu = trainer_cfg.accelerator in ("gpu", "cuda")
+    if gpu and not torch.cuda.is_available():
+        raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
+    devices = trainer_cfg.get("devices")
+    available = torch.cuda.device_count() if gpu else os.cpu_count()
+    if isinstance(devices, int) and devices > available:
+        kind = "GPUs" if gpu else "CPU cores"
+        raise UserError(f"trainer.devices={devices} but this machine has {available} {kind}: lower it")
 
 
 def _precision(precision: str, accelerator: str) -> str:
@@ -53,8 +79,7 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
 
 def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:
     """Checks `cfg` and builds what it describes: the module, the data and the trainer."""
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
+    _check_devices(cfg.trainer)
     if cfg.data.streaming and cfg.trainer.max_steps <= 0:
         raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
     _check_launch(cfg)
@@ -84,10 +109,12 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
     module, datamodule, trainer = build(cfg)
+    if ckpt_path:
+        _check_fits(ckpt_path, module)
 
     before = _val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()
-    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)  # runs no code from it
     wall_s = time.perf_counter() - start
     after = _val_metrics(trainer.validate(module, datamodule))
 
@@ -110,17 +137,33 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def _user_message(err: BaseException) -> str | None:
+    """What to tell the user about `err`, when it is theirs to fix (None: a bug, show it all)."""
+    while err is not None:  # Hydra's instantiate wraps what a constructor raised
+        if isinstance(err, UserError):
+            return str(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
+                    "space (checkpoints are written whole or not at all: the last complete one is intact)")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
+    except SIGTERMException:
+        task = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+        resume = " ".join([*task, "ckpt_path=last", f"hydra.run.dir={cfg.output_dir}"])
+        print(f"stopped by SIGTERM; saved {cfg.output_dir}/checkpoints/last.ckpt. Resume with:\n"
+              f"  python -m train {resume}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a job ended by it
     except Exception as err:
-        cause = err  # Hydra's instantiate wraps what a constructor raised
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
-        if cause is None:
+        message = _user_message(err)
+        if message is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

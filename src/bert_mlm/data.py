@@ -1,24 +1,32 @@
 """MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
 
+import logging
+
 import lightning as L
 import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bert_mlm import corpus
 from bert_mlm.errors import UserError
 from bert_mlm.masking import MaskingCollator
+from bert_mlm.order import EpochShuffle, WithMaskSeeds
 
 CORPORA = ("pydocs", "text", "hub")
+log = logging.getLogger(__name__)
 
 
 def _tokenize(batch, tokenizer, packing: bool, max_length: int):
     texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
+    ids = tokenizer(texts, add_special_tokens=not packing, verbose=False)["input_ids"]
     if packing:  # special tokens are added per block, when packing
-        return {"input_ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return {"input_ids": ids}
+        return {"input_ids": ids}
+    # One example per line: longer lines keep their first max_length - 1 tokens and [SEP].
+    truncated = [len(x) > max_length for x in ids]
+    ids = [[*x[: max_length - 1], x[-1]] if cut else x for x, cut in zip(ids, truncated)]
+    return {"input_ids": ids, "truncated": truncated}
 
 
 def _pack(batch, cls_id: int, sep_id: int, max_length: int):
@@ -136,7 +144,8 @@ class MLMDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.train_collator.seed = self.seed + rank  # each rank draws its own masks
+        # Streams: each rank draws its own masks (otherwise an example's index fixes them).
+        self.train_collator.seed = self.seed + rank
         if self.streaming:
             self._setup_stream(rank, world_size)
         else:
@@ -164,13 +173,26 @@ class MLMDataModule(L.LightningDataModule):
                 f"the training text makes {len(tokens['train'])} examples, fewer than one batch "
                 f"(data.batch_size={self.batch_size}): add text or lower data.batch_size"
             )
+        if not self.packing:
+            cut = sum(tokens["train"]["truncated"])
+            if cut:
+                log.warning(
+                    f"{cut} of {len(tokens['train'])} training lines are longer than "
+                    f"data.max_length={self.max_length} tokens and were truncated (data.packing=true keeps all text)"
+                )
+            tokens = tokens.remove_columns("truncated")
         self.train_set, self.val_set = tokens["train"], tokens["validation"]
 
-    def _loader(self, dataset, collator, train: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, collator, train: bool, sampler=None) -> DataLoader:
+        # StatefulDataLoader: Lightning saves its position in checkpoints, so a run resumed
+        # mid-epoch goes on from the next batch instead of starting the epoch again.
+        return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and not self.streaming,  # a stream is shuffled through a buffer
+            sampler=sampler,
+            # Worker seeds from the loader's own generator, not the global one that dropout
+            # draws from: a resumed run then draws the same dropout masks as an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=train,  # full training batches only: steady shapes and step sizes
             collate_fn=collator,
             num_workers=self.num_workers,
@@ -179,7 +201,14 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.train_collator, train=True)
+        if self.streaming:  # shuffled through a buffer as it is read
+            return self._loader(self.train_set, self.train_collator, train=True)
+        return self._loader(
+            WithMaskSeeds(self.train_set, self.seed),
+            self.train_collator,
+            train=True,
+            sampler=EpochShuffle(len(self.train_set), self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.val_collator, train=False)

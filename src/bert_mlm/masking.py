@@ -48,6 +48,7 @@ class MaskingCollator:
         self.seed = seed
         self.fixed_masks = fixed_masks
         self.generator = torch.Generator()
+        self.row_generator = torch.Generator()  # for rows that bring their own seed
         self._seeded_with: int | None = None
 
     def _rng(self, input_ids: torch.Tensor) -> torch.Generator:
@@ -74,25 +75,39 @@ class MaskingCollator:
             attention_mask[i, : len(row)] = 1
         return input_ids, attention_mask
 
+    def _draws(self, shape: torch.Size, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """A uniform draw that chooses, one that decides what a chosen token becomes, and
+        a random token, each of `shape`."""
+        return (
+            torch.rand(shape, generator=rng),
+            torch.rand(shape, generator=rng),
+            torch.randint(self.vocab_size, shape, generator=rng),
+        )
+
     def mask(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (masked input_ids, labels), both (B, T); `input_ids` is left unchanged."""
-        rng = self._rng(input_ids)
+        """Returns (masked input_ids, labels), both (B, T); `input_ids` is left unchanged.
+        With `seeds`, row i's masks come from seeds[i] alone: the same example gets the same
+        masks whatever batch, worker or process it lands in."""
+        if seeds is None:
+            choose, action, random_tokens = self._draws(input_ids.shape, self._rng(input_ids))
+        else:
+            rows = [self._draws(input_ids.shape[1:], self.row_generator.manual_seed(s)) for s in seeds]
+            choose, action, random_tokens = (torch.stack(draws) for draws in zip(*rows))
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
-        chosen = (torch.rand(input_ids.shape, generator=rng) < self.mlm_probability) & maskable
+        chosen = (choose < self.mlm_probability) & maskable
         labels = torch.where(chosen, input_ids, IGNORE)
-        # One draw decides what a chosen token becomes: [0, mask) -> [MASK],
+        # The second draw decides what a chosen token becomes: [0, mask) -> [MASK],
         # [mask, mask + random) -> random token, the rest -> unchanged.
-        action = torch.rand(input_ids.shape, generator=rng)
         to_mask = chosen & (action < self.mask_prob)
         to_random = chosen & (action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)
-        random_tokens = torch.randint(self.vocab_size, input_ids.shape, generator=rng)
         masked = torch.where(to_mask, self.mask_token_id, input_ids)
         masked = torch.where(to_random, random_tokens, masked)
         return masked, labels
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self.pad(examples)
-        masked, labels = self.mask(input_ids, attention_mask)
+        seeds = [e["mask_seed"] for e in examples] if "mask_seed" in examples[0] else None
+        masked, labels = self.mask(input_ids, attention_mask, seeds)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}

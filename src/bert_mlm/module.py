@@ -1,5 +1,7 @@
 """MLMModule: BertForMaskedLM trained with the loss on masked positions only."""
 
+import random
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,11 @@ class MLMModule(L.LightningModule):
             config = load_config(pretrained)
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
             config._attn_implementation = "sdpa" if attention == "auto" else attention
+            if len(self.tokenizer) > config.vocab_size:
+                raise UserError(
+                    f"the tokenizer has {len(self.tokenizer)} tokens but the model's embeddings hold "
+                    f"{config.vocab_size}: use the model's own tokenizer (model.tokenizer)"
+                )
             self.model = load_model(pretrained, config).train()  # from_pretrained returns eval mode
         else:
             config = BertConfig(
@@ -90,6 +97,13 @@ class MLMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.mlm_loss(batch)
+        # Stop before a NaN/inf reaches the weights, so checkpoints and hf_model stay good.
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"the training loss is {loss.item()} at step {self.global_step}: stopped before that "
+                "update, so checkpoints/ hold finite weights; lower model.lr or raise "
+                "model.warmup_steps, then resume with ckpt_path=last"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
@@ -105,6 +119,20 @@ class MLMModule(L.LightningModule):
         loss_sum, correct, count = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
         loss = loss_sum / count.clamp(min=1)
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp(), "val/acc": correct / count.clamp(min=1)})
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        # Lightning keeps no RNG state; dropout needs it for a resumed run to match exactly.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for a fused optimizer under any mixed precision, but only

