@@ -24,7 +24,7 @@ SIZES = {  # layers, hidden, heads, intermediate
     "minilm": (6, 384, 12, 1536),
     "base": (12, 768, 12, 3072),
 }
-LR, WARMUP_LR_STEPS, SEED = 5e-4, 5, 42
+LR, WARMUP_LR_STEPS = 5e-4, 5
 
 
 def config_overrides(args) -> list[str]:
@@ -39,7 +39,7 @@ def config_overrides(args) -> list[str]:
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.val_check_interval=1000000",
         "+trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false",
         "+trainer.enable_model_summary=false", "logger=none", "~callbacks.checkpoint",
-        f"callbacks.throughput.warmup_batches={args.warmup}", f"seed={SEED}",
+        f"callbacks.throughput.warmup_batches={args.warmup}", f"seed={args.seed}",
         f"data.cache_dir={args.cache_dir}", f"output_dir={args.cache_dir}",
     ]
 
@@ -128,7 +128,7 @@ def run_hf(args, bf16: bool) -> dict:
         max_steps=args.warmup + args.steps, learning_rate=LR, warmup_steps=WARMUP_LR_STEPS,
         weight_decay=0.01, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0,
         lr_scheduler_type="linear", bf16=bf16, use_cpu=args.device == "cpu", logging_steps=1,
-        save_strategy="no", report_to=[], seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
+        save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     trainer = Trainer(model=model, args=training_args, train_dataset=datamodule.train_set,
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runners", default="ours,hf-bf16,hf-fp32")
     parser.add_argument("--ours", default="", help="extra overrides for ours, e.g. 'model.dropout=0.1'")
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -162,3 +162,37 @@ def test_fixed_masks_repeat_for_the_same_batch():
     assert not same_masks([first], [make_collator(fixed_masks=True, seed=1)(a)])
     # Same shape and same maskable positions, yet a different choice of positions.
     assert not collator(a)["labels"].ne(IGNORE).equal(collator(b)["labels"].ne(IGNORE))
+
+
+def test_whole_word_masking_takes_all_pieces_of_a_word():
+    # Ids 2000-2999 stand for "##" pieces that continue the word before them.
+    g = torch.Generator().manual_seed(0)
+    words, examples = [], []
+    for _ in range(400):
+        ids, spans = [101], []
+        while len(ids) < 100:
+            n = int(torch.randint(1, 4, (1,), generator=g))
+            spans.append((len(ids), len(ids) + n))
+            ids += [int(torch.randint(1000, 2000, (1,), generator=g))]
+            ids += torch.randint(2000, 3000, (n - 1,), generator=g).tolist()
+        examples.append({"input_ids": ids + [102]})
+        words.append(spans)
+    # [MASK] is id 4999, outside the random tokens' range [0, 4999): kinds are unambiguous.
+    collator = MaskingCollator(4999, 0, [0, 100, 101, 102, 4999], 4999, mlm_probability=0.2, seed=3,
+                               continuation_ids=range(2000, 3000))
+    batch = collator(examples)
+    original = collator.pad(examples)[0]
+    chosen = batch["labels"] != -100
+    kinds = torch.where(batch["input_ids"] == 4999, 0, torch.where(batch["input_ids"] == original, 2, 1))
+    whole = partial = 0
+    for row, spans in enumerate(words):
+        for start, end in spans:
+            picked = chosen[row, start:end]
+            assert picked.all() or not picked.any(), "a word was split"
+            if picked.all():
+                whole += 1
+                # The 80/10/10 decision is per word too ([MASK] for all pieces, or none).
+                assert (kinds[row, start:end] == 0).all() or not (kinds[row, start:end] == 0).any()
+            partial += 1
+    assert abs(whole / partial - 0.2) < 0.01  # the rate counts words
+    assert not chosen[:, 0].any()  # [CLS] never

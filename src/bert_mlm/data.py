@@ -61,6 +61,7 @@ class MLMDataModule(L.LightningDataModule):
         val_rows: int = 1000,
         shuffle_buffer: int = 10_000,
         mlm_probability: float = 0.15,
+        whole_word_mask: bool = False,
         mask_prob: float = 0.8,
         random_prob: float = 0.1,
         seed: int = 0,
@@ -95,6 +96,9 @@ class MLMDataModule(L.LightningDataModule):
             mask_prob=mask_prob,
             random_prob=random_prob,
             seed=seed,
+            continuation_ids=[i for t, i in tokenizer.get_vocab().items() if t.startswith("##")]
+            if whole_word_mask
+            else None,
         )
         self.train_collator = MaskingCollator(**masking)
         self.val_collator = MaskingCollator(**masking, fixed_masks=True)

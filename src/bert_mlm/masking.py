@@ -36,6 +36,7 @@ class MaskingCollator:
         pad_to_multiple_of: int = 8,
         seed: int = 0,
         fixed_masks: bool = False,
+        continuation_ids: Sequence[int] | None = None,
     ):
         self.mask_token_id = mask_token_id
         self.pad_token_id = pad_token_id
@@ -47,6 +48,8 @@ class MaskingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.seed = seed
         self.fixed_masks = fixed_masks
+        # Whole-word masking when given: ids of the pieces that continue a word ("##ing").
+        self.continuation_ids = None if continuation_ids is None else torch.tensor(sorted(continuation_ids))
         self.generator = torch.Generator()
         self.row_generator = torch.Generator()  # for rows that bring their own seed
         self._seeded_with: int | None = None
@@ -96,6 +99,13 @@ class MaskingCollator:
             rows = [self._draws(input_ids.shape[1:], self.row_generator.manual_seed(s)) for s in seeds]
             choose, action, random_tokens = (torch.stack(draws) for draws in zip(*rows))
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        if self.continuation_ids is not None:
+            # Each piece takes the draws of its word's first piece: a word is chosen, and
+            # becomes [MASK] / random / unchanged, as a whole.
+            starts = ~torch.isin(input_ids, self.continuation_ids)
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            first_piece = torch.where(starts, positions, 0).cummax(1).values  # (B, T)
+            choose, action = choose.gather(1, first_piece), action.gather(1, first_piece)
         chosen = (choose < self.mlm_probability) & maskable
         labels = torch.where(chosen, input_ids, IGNORE)
         # The second draw decides what a chosen token becomes: [0, mask) -> [MASK],

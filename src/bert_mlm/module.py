@@ -134,6 +134,11 @@ class MLMModule(L.LightningModule):
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
 
+    def on_before_optimizer_step(self, optimizer):
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
+            norms = torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None])
+            self.log("train/grad_norm", torch.linalg.vector_norm(norms))
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for a fused optimizer under any mixed precision, but only
         # fp16 loss scaling needs that: bf16 and fp32 gradients are clipped as they are.

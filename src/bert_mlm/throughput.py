@@ -61,7 +61,7 @@ class Throughput(L.Callback):
                 metrics = {"train/tokens_per_sec": rate}
                 if self._peak:
                     metrics["train/mfu"] = rate * self._flops_per_token / self._peak
-                pl_module.log_dict(metrics, rank_zero_only=True)
+                pl_module.log_dict(metrics, rank_zero_only=True, prog_bar=True)
 
     def on_train_end(self, trainer, pl_module):
         if self._start is None:

@@ -1,0 +1,32 @@
+"""TensorBoard's TEXT tab: at each validation, the model's top guesses for the [MASK] in a
+few fixed sentences, so a person sees the predictions improve as training goes on."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+class MaskProbes(L.Callback):
+    def __init__(self, sentences: list[str], top_k: int = 5):
+        self.sentences, self.top_k = sentences, top_k
+
+    def predictions(self, pl_module) -> str:
+        """A markdown table: sentence, then the top-k tokens with their probabilities."""
+        tokenizer = pl_module.tokenizer
+        batch = tokenizer(self.sentences, return_tensors="pt", padding=True).to(pl_module.device)
+        with torch.no_grad():
+            logits = pl_module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows = ["| sentence | top guesses |", "| --- | --- |"]
+        for sentence, ids, row_logits in zip(self.sentences, batch["input_ids"], logits):
+            for position in (ids == tokenizer.mask_token_id).nonzero().flatten().tolist():
+                top = row_logits[position].float().softmax(-1).topk(self.top_k)
+                guesses = ", ".join(
+                    f"{tokenizer.convert_ids_to_tokens(i)} ({p:.2f})" for p, i in zip(top.values.tolist(), top.indices.tolist())
+                )
+                rows.append(f"| {sentence} | {guesses} |")
+        return "\n".join(rows)
+
+    def on_validation_end(self, trainer, pl_module):
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if loggers and trainer.is_global_zero and not trainer.sanity_checking:
+            loggers[0].experiment.add_text("mask_probes", self.predictions(pl_module), trainer.global_step)
