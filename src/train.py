@@ -18,7 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch
+from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.throughput import Throughput
+from bert_mlm.vocab import train_wordpiece
 
 
 def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -85,7 +87,8 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
         raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
     _check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    module: MLMModule = instantiate(cfg.model, _convert_="all")
+    tokenizer = _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
+    module: MLMModule = instantiate(cfg.model, tokenizer=tokenizer, _convert_="all")
     positions = module.model.config.max_position_embeddings
     if cfg.data.max_length > positions:
         raise UserError(
@@ -103,6 +106,21 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
         _convert_="all",
     )
     return module, datamodule, trainer
+
+
+def _trained_tokenizer(cfg: DictConfig) -> str:
+    """tokenizer.train=true: a WordPiece vocabulary trained on the training text, saved in
+    the run folder (a resumed run, or a DDP rank started later, reuses it)."""
+    if cfg.model.pretrained:
+        raise UserError("tokenizer.train=true makes a new vocabulary, which only a model from scratch "
+                        "can use: add model=tiny (or model.pretrained=null)")
+    path = Path(cfg.output_dir) / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        # The data module reads the text; its own tokenizer (the configured one) is not used.
+        data = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model.tokenizer), seed=cfg.seed, _convert_="all")
+        texts = (line for lines in data.train_texts() for line in lines if line)
+        train_wordpiece(texts, cfg.tokenizer.vocab_size, path, cfg.tokenizer.min_frequency)
+    return str(path)
 
 
 def train(cfg: DictConfig) -> dict:

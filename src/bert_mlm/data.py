@@ -113,6 +113,11 @@ class MLMDataModule(L.LightningDataModule):
             raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir, self.streaming)
         return corpus.with_validation(raw, self.text_column, self.val_percent, self.val_rows, self.seed)
 
+    def train_texts(self, batch_size: int = 1000):
+        """The training text, in lists of up to `batch_size` lines (to train a tokenizer on)."""
+        train = self._raw()["train"]
+        yield from (batch["text"] for batch in train.iter(batch_size=batch_size))
+
     def _tokenized(self, raw: corpus.Corpus) -> corpus.Corpus:
         """Token blocks. On a Dataset `datasets` caches each map by fingerprint, so later
         runs read the cache; on a stream the maps run lazily, as examples are drawn."""
