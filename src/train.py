@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,55 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bert_mlm import MLMDataModule, MLMModule, UserError, launch
+from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.throughput import Throughput
 from bert_mlm.vocab import train_wordpiece
-
-
-def _checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
-    if ckpt_path is None:
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
-    return str(path)
-
-
-def _check_fits(ckpt_path: str, module: MLMModule) -> None:
-    """Refuses a checkpoint of another model size before training starts."""
-    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
-    ours = module.state_dict()
-    wrong = [k for k in ours if k not in saved or saved[k].shape != ours[k].shape]
-    if wrong:
-        raise UserError(
-            f"checkpoint {ckpt_path} is of another model ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
-            "resume with the model settings it was trained with"
-        )
-
-
-def _check_devices(trainer_cfg: DictConfig) -> None:
-    gpu = trainer_cfg.accelerator in ("gpu", "cuda")
-    if gpu and not torch.cuda.is_available():
-        raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
-    devices = trainer_cfg.get("devices")
-    available = torch.cuda.device_count() if gpu else os.cpu_count()
-    if isinstance(devices, int) and devices > available:
-        kind = "GPUs" if gpu else "CPU cores"
-        raise UserError(f"trainer.devices={devices} but this machine has {available} {kind}: lower it")
-
-
-def _precision(precision: str, accelerator: str) -> str:
-    """`mixed`: bf16 autocast where the hardware runs bf16 natively; else fp16 with loss
-    scaling on a GPU, and fp32 on a CPU (where emulated bf16 is slower than fp32)."""
-    if precision != "mixed":
-        return precision
-    if accelerator == "cpu":
-        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -82,7 +38,7 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
 
 def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:
     """Checks `cfg` and builds what it describes: the module, the data and the trainer."""
-    _check_devices(cfg.trainer)
+    launch.check_devices(cfg.trainer.accelerator, cfg.trainer.get("devices"))
     if cfg.data.streaming and cfg.trainer.max_steps <= 0:
         raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
     _check_launch(cfg)
@@ -100,7 +56,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     callbacks = [*(instantiate(c, _convert_="all") for c in cfg.callbacks.values()), *callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        precision=_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
         logger=instantiate(cfg.logger) if cfg.logger else False,
         callbacks=callbacks,
         _convert_="all",
@@ -126,10 +82,10 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
-    ckpt_path = _checkpoint(cfg.ckpt_path, output_dir)
+    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
     module, datamodule, trainer = build(cfg)
     if ckpt_path:
-        _check_fits(ckpt_path, module)
+        resume.check_fits(ckpt_path, module)
 
     before = _val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()
@@ -150,35 +106,9 @@ def train(cfg: DictConfig) -> dict:
         module.model.save_pretrained(output_dir / "hf_model")
         module.tokenizer.save_pretrained(output_dir / "hf_model")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _log_run(trainer, cfg, after)
-        _print_summary(metrics, output_dir)
+        report.log_run(trainer, cfg, after)
+        report.print_summary(metrics, output_dir)
     return metrics
-
-
-def _log_run(trainer: L.Trainer, cfg: DictConfig, after: dict[str, float]) -> None:
-    """TensorBoard: the settings beside the final metrics (HPARAMS tab, to compare the
-    jobs of a sweep) and the composed config (TEXT tab)."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("output_dir")
-    for logger in trainer.loggers:
-        logger.log_hyperparams(settings, metrics={f"final/{k.split('/')[1]}": v for k, v in after.items()})
-        if isinstance(logger, TensorBoardLogger):
-            yaml = "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())
-            logger.experiment.add_text("config", yaml, trainer.global_step)
-            logger.experiment.flush()
-
-
-def _print_summary(metrics: dict, output_dir: Path) -> None:
-    before, after = metrics["before"], metrics["after"]
-    rate = metrics["train/tokens_per_sec"]
-    print()
-    print(f"{'':9}{'before':>11}{'after':>11}")
-    for name in ("val/loss", "val/ppl", "val/acc"):
-        print(f"{name:9}{before[name]:11.4g}{after[name]:11.4g}")
-    print(f"{metrics['steps']} steps in {metrics['wall_s']:.0f} s"
-          + (f", {rate:,.0f} tokens/s" if rate else "") + f", {metrics['world_size']} process(es)")
-    print(f"run folder: {output_dir}")
-    print(f"model:      {output_dir / 'hf_model'}  (python -m fill_mask {output_dir} \"The [MASK] ...\")")
 
 
 def _user_message(err: BaseException) -> str | None:

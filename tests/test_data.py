@@ -83,7 +83,7 @@ def test_validation_split_when_no_val_files(tokenizer, tmp_path):
     assert again.val_set["input_ids"] == dm.val_set["input_ids"]  # a fixed split
 
 
-def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path):
+def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path, caplog):
     lines = ["short line", "", "a much longer line " * 20, "medium sized line of text here"]
     train = write(tmp_path / "train.txt", lines * 10)
     dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_files=[train],
@@ -91,6 +91,9 @@ def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path):
     lengths = sorted({len(ids) for ids in dm.train_set["input_ids"]})
     assert len(dm.train_set) == 30  # the empty lines are dropped
     assert lengths[-1] == 24 and lengths[0] == 4  # [CLS] short line [SEP]
+    assert "10 of 30 training lines are longer than data.max_length=24 tokens and were truncated" in caplog.text
+    long = [ids for ids in dm.train_set["input_ids"] if len(ids) == 24]
+    assert len(long) == 10 and all(ids[-1] == tokenizer.sep_token_id for ids in long)
     batch = dm.val_collator([{"input_ids": ids} for ids in dm.val_set["input_ids"][:3]])
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["attention_mask"].sum(1).tolist() == [len(i) for i in dm.val_set["input_ids"][:3]]

@@ -38,6 +38,22 @@ def test_smoke_run_leaves_a_complete_run_folder(smoke_run):
     assert math.isclose(after["val/ppl"], math.exp(after["val/loss"]), rel_tol=1e-4)
     assert 0 <= after["val/acc"] <= 1
     assert "val/ppl" in proc.stdout and "before" in proc.stdout and "after" in proc.stdout
+    assert "10 steps in" in proc.stdout and "tokens/s" in proc.stdout and f"run folder: {run_dir}" in proc.stdout
+
+    # TensorBoard: scalars, the [MASK] probes and the config as text, hparams with final metrics.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "val/acc", "lr", "train/grad_norm",
+            "train/tokens_per_sec", "train/mfu", "final/loss"} <= scalars
+    texts = {t: events.Tensors(t) for t in events.Tags()["tensors"] if t.endswith("text_summary")}
+    probes = texts["mask_probes/text_summary"]
+    assert len(probes) >= 2  # at each validation
+    assert "presidential [MASK]" in probes[-1].tensor_proto.string_val[0].decode()
+    assert "max_steps: 10" in texts["config/text_summary"][0].tensor_proto.string_val[0].decode()
+    hparams = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert any(b"hparams" in f.read_bytes() for f in hparams)
 
     fill = pipeline("fill-mask", model=str(run_dir / "hf_model"), device="cpu")
     predictions = fill("The [MASK] statement is used to define a function.")
@@ -60,7 +76,7 @@ def fill_mask(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 def test_fill_mask_command(smoke_run):
     run_dir, _ = smoke_run
-    for source in (run_dir, run_dir / "checkpoints" / "last.ckpt"):
+    for source in (run_dir, run_dir / "hf_model", run_dir / "checkpoints" / "last.ckpt"):
         proc = fill_mask(str(source), "A [MASK] is raised when the [MASK] is missing.", "--top-k", "3")
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = proc.stdout.splitlines()

@@ -1,6 +1,9 @@
-"""How this process was started (a Hydra sweep, torchrun, srun) and what that rules out."""
+"""How this process runs: on what hardware, in what precision, started by what (a Hydra
+sweep, torchrun, srun), and what that rules out."""
 
 import os
+
+import torch
 
 from bert_mlm.errors import UserError
 
@@ -25,3 +28,23 @@ def check(strategy: str | None, multirun: bool, run_dir_given: bool) -> None:
             "under torchrun or srun all processes need one run folder: add hydra.run.dir=<folder>, "
             "e.g. hydra.run.dir=outputs/$SLURM_JOB_ID"
         )
+
+
+def check_devices(accelerator: str, devices: int | str | list | None) -> None:
+    gpu = accelerator in ("gpu", "cuda")
+    if gpu and not torch.cuda.is_available():
+        raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
+    available = torch.cuda.device_count() if gpu else os.cpu_count()
+    if isinstance(devices, int) and devices > available:
+        kind = "GPUs" if gpu else "CPU cores"
+        raise UserError(f"trainer.devices={devices} but this machine has {available} {kind}: lower it")
+
+
+def precision(requested: str, accelerator: str) -> str:
+    """`mixed`: bf16 autocast where the hardware runs bf16 natively; else fp16 with loss
+    scaling on a GPU, and fp32 on a CPU (where emulated bf16 is slower than fp32)."""
+    if requested != "mixed":
+        return requested
+    if accelerator == "cpu":
+        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"

@@ -1,0 +1,33 @@
+"""What a finished run reports: TensorBoard's HPARAMS and config, and the console summary."""
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+def log_run(trainer: L.Trainer, cfg: DictConfig, after: dict[str, float]) -> None:
+    """TensorBoard: the settings beside the final metrics (HPARAMS tab, to compare the
+    jobs of a sweep) and the composed config (TEXT tab)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("output_dir")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(settings, metrics={f"final/{k.split('/')[1]}": v for k, v in after.items()})
+        if isinstance(logger, TensorBoardLogger):
+            yaml = "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())
+            logger.experiment.add_text("config", yaml, trainer.global_step)
+            logger.experiment.flush()
+
+
+def print_summary(metrics: dict, output_dir: Path) -> None:
+    before, after = metrics["before"], metrics["after"]
+    rate = metrics["train/tokens_per_sec"]
+    print()
+    print(f"{'':9}{'before':>11}{'after':>11}")
+    for name in ("val/loss", "val/ppl", "val/acc"):
+        print(f"{name:9}{before[name]:11.4g}{after[name]:11.4g}")
+    print(f"{metrics['steps']} steps in {metrics['wall_s']:.0f} s"
+          + (f", {rate:,.0f} tokens/s" if rate else "") + f", {metrics['world_size']} process(es)")
+    print(f"run folder: {output_dir}")
+    print(f"model:      {output_dir / 'hf_model'}  (python -m fill_mask {output_dir} \"The [MASK] ...\")")

@@ -1,0 +1,29 @@
+"""Resuming: which checkpoint `ckpt_path` names, and whether it fits the model."""
+
+from pathlib import Path
+
+import torch
+
+from bert_mlm.errors import UserError
+from bert_mlm.module import MLMModule
+
+
+def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
+    return str(path)
+
+
+def check_fits(ckpt_path: str, module: MLMModule) -> None:
+    """Refuses a checkpoint of another model size before training starts."""
+    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+    ours = module.state_dict()
+    wrong = [k for k in ours if k not in saved or saved[k].shape != ours[k].shape]
+    if wrong:
+        raise UserError(
+            f"checkpoint {ckpt_path} is of another model ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
+            "resume with the model settings it was trained with"
+        )
