@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ RUN = [*SMOKE, "trainer.max_steps=40", "trainer.val_check_interval=20", "callbac
 def start_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *RUN, *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, **OFFLINE}, cwd=run_dir.parent)
+                            env={**os.environ, **OFFLINE}, cwd=run_dir.parent)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -121,17 +121,17 @@ class MLMDataModule(L.LightningDataModule):
     def _tokenized(self, raw: corpus.Corpus) -> corpus.Corpus:
         """Token blocks. On a Dataset `datasets` caches each map by fingerprint, so later
         runs read the cache; on a stream the maps run lazily, as examples are drawn."""
-        # `desc` draws a progress bar; streams have none.
-        progress = {} if self.streaming else {"desc": "Tokenizing"}
+        def progress(desc: str) -> dict:  # a progress bar; a stream's map takes no `desc`
+            return {} if self.streaming else {"desc": desc}
+
         tokens = raw.map(
             _tokenize,
             batched=True,
             remove_columns=["text"],
             fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length),
-            **progress,
+            **progress("Tokenizing"),
         )
         if self.packing:
-            progress = {} if self.streaming else {"desc": f"Packing into blocks of {self.max_length}"}
             tokens = tokens.map(
                 _pack,
                 batched=True,
@@ -140,7 +140,7 @@ class MLMDataModule(L.LightningDataModule):
                     sep_id=self.tokenizer.sep_token_id,
                     max_length=self.max_length,
                 ),
-                **progress,
+                **progress(f"Packing into blocks of {self.max_length}"),
             )
         return tokens
 
