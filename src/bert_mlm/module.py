@@ -4,11 +4,11 @@ import random
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
 
 from bert_mlm.pretrained import load_config, load_model, load_tokenizer
 from bert_mlm.errors import UserError
+from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import IGNORE
 
 
@@ -86,17 +86,10 @@ class MLMModule(L.LightningModule):
         masked = labels != IGNORE  # (B, T)
         return self.model.cls(hidden[masked]), labels[masked]  # (M, H) -> (M, V)
 
-    def mlm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the masked tokens, (3,) sums of loss, correct top-1 and count)."""
-        logits, targets = self.masked_logits(batch)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        correct = (logits.argmax(-1) == targets).sum()
-        count = torch.tensor(targets.numel(), device=logits.device)
-        # sum / max(M, 1) rather than a mean: a batch with no masked token gives 0, not NaN.
-        return loss_sum / count.clamp(min=1), torch.stack([loss_sum.detach(), correct, count])
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.mlm_loss(batch)
+        logits, targets = self.masked_logits(batch)
+        # A sum over max(M, 1) rather than a mean: a batch with no masked token gives 0, not NaN.
+        loss = summed_cross_entropy(logits, targets) / max(targets.numel(), 1)
         # Stop before a NaN/inf reaches the weights, so checkpoints and hf_model stay good.
         if not torch.isfinite(loss):
             raise UserError(
@@ -108,11 +101,20 @@ class MLMModule(L.LightningModule):
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
+    def validation_sums(self, batch: dict) -> torch.Tensor:
+        """(3,): the batch's summed masked-token loss, correct top-1 predictions and count."""
+        logits, targets = self.masked_logits(batch)
+        return torch.stack([
+            summed_cross_entropy(logits, targets),
+            (logits.argmax(-1) == targets).sum(),
+            torch.tensor(targets.numel(), device=logits.device),
+        ])
+
     def on_validation_epoch_start(self):
         self.val_sums = torch.zeros(3, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int):
-        self.val_sums += self.mlm_loss(batch)[1]
+        self.val_sums += self.validation_sums(batch)
 
     def on_validation_epoch_end(self):
         # Summed over batches and ranks, then divided: the mean over all masked tokens.
