@@ -1,8 +1,11 @@
 """`make bench`: this project's MLMModule, trained through the Lightning Trainer as users
 run it, against the Hugging Face recipe (Trainer + DataCollatorForLanguageModeling +
-BertForMaskedLM, as in transformers' run_mlm.py), on the same data, architecture, sequence
-length, batch size and number of steps. Each run is its own process (so peak memory is its
-own), and the runners alternate over rounds; the table shows each runner's best round.
+BertForMaskedLM, as in transformers' run_mlm.py), on the same data, initial weights,
+architecture, sequence length, batch size and number of steps. Each run is its own process
+(so peak memory is its own), and the runners alternate over rounds; the table shows each
+runner's best round. With --same-batches the HF runs train on our batches (the same masks in
+the same order) instead of their collator's, which leaves the recipes as the only difference
+between the losses.
 
     python benchmarks/bench.py [--size minilm|base|tiny] [--steps 20] [--rounds 2] ...
 """
@@ -109,6 +112,7 @@ def run_hf(args, bf16: bool) -> dict:
     model = BertForMaskedLM(BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, intermediate_size=inter, pad_token_id=tokenizer.pad_token_id))
+    model.load_state_dict(module.model.state_dict())  # the initial weights ours starts from
     del module
 
     times, losses = [], []
@@ -131,8 +135,14 @@ def run_hf(args, bf16: bool) -> dict:
         save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    trainer = Trainer(model=model, args=training_args, train_dataset=datamodule.train_set,
-                      data_collator=collator, callbacks=[Record()])
+
+    class OurBatches(Trainer):
+        def get_train_dataloader(self):  # our masks and order, with our DataLoader worker
+            return datamodule.train_dataloader()
+
+    trainer = (OurBatches if args.same_batches else Trainer)(
+        model=model, args=training_args, train_dataset=datamodule.train_set, data_collator=collator,
+        callbacks=[Record()])
     trainer.train()
     tokens = args.steps * args.batch * args.seq  # packed blocks: no padding
     return {"tokens_per_sec": tokens / (times[-1] - times[args.warmup - 1]), "losses": losses,
@@ -172,6 +182,8 @@ def main() -> None:
     parser.add_argument("--runners", default="ours,hf-bf16,hf-fp32")
     parser.add_argument("--ours", default="", help="extra overrides for ours, e.g. 'model.dropout=0.1'")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--same-batches", action="store_true",
+                        help="HF trains on our batches (masks, order) instead of its collator's: for loss comparisons")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -186,7 +198,8 @@ def main() -> None:
 
     runners = args.runners.split(",")
     results: dict[str, list[dict]] = {r: [] for r in runners}
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("out", "worker")]
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("out", "worker", "same_batches")] + ["--same-batches"] * args.same_batches
     for round_ in range(args.rounds):
         for runner in runners:
             print(f"round {round_ + 1}/{args.rounds}: {runner} ...", flush=True)
@@ -207,7 +220,8 @@ def main() -> None:
     print(f"\n{args.size} architecture ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"vocab {config.vocab_size}), seq {args.seq}, batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup}, best of {args.rounds} rounds, on {args.device}; "
-          f"data: {'wikitext-2 valid' if WIKITEXT.exists() else 'pydocs'}")
+          f"data: {'wikitext-2 valid' if WIKITEXT.exists() else 'pydocs'}; the same initial weights, "
+          f"{'the same batches' if args.same_batches else 'HF masks with its own collator'}")
     print(f"model FLOPs per token (fwd+bwd, MLM head on 15% of tokens): {fpt / 1e6:.1f} M; "
           + ", ".join(f"measured {k} peak {v / 1e12:.3f} TFLOP/s" for k, v in peak.items() if v))
     header = f"| {'runner':10} | {'precision':10} | {'tokens/s':>9} | {'x HF bf16':>9} | {'peak mem GB':>11} | {'val loss':>8} | {'TFLOP/s':>8} | {'MFU':>6} |"
