@@ -1,9 +1,13 @@
+import math
+
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import IGNORE, MaskingCollator
 from bert_mlm.module import MLMModule
 
@@ -162,3 +166,37 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
     # The last step's gradients are still there, clipped to norm 0.01 (unclipped: ~10).
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
     assert norm.item() == pytest.approx(0.01, rel=1e-3)
+
+
+class RecordShapes(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor that an op returns, backward ops included."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs += [(tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(out)
+                         if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_no_full_or_fp32_logits_in_a_bf16_training_step():
+    module = tiny_module().train()
+    batch = make_batch(module, lengths=[126] * 7 + [90])  # (8, 128): ~150 masked tokens, several loss chunks
+    vocab = module.model.config.vocab_size
+    masked = int((batch["labels"] != IGNORE).sum())
+    chunk_rows = 2**20 // vocab
+    assert masked > 2 * chunk_rows
+    with RecordShapes() as record:
+        with torch.autocast("cpu", torch.bfloat16):
+            logits, targets = module.masked_logits(batch)
+            loss = summed_cross_entropy(logits, targets)
+        loss.backward()
+    full = batch["input_ids"].numel() * vocab
+    assert max(math.prod(shape) for shape, _ in record.outputs) < full
+    rows_in_fp32 = [shape[0] for shape, dtype in record.outputs
+                    if len(shape) == 2 and shape[1] == vocab and dtype == torch.float32]
+    assert rows_in_fp32 and max(rows_in_fp32) <= chunk_rows
+    assert ((masked, vocab), torch.bfloat16) in record.outputs  # the logits, and their gradient
