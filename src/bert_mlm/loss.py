@@ -4,7 +4,8 @@
 an fp32 log-softmax, an fp32 gradient and a bf16 copy of it: five (M, V) tensors, each
 a pass over memory (M ~ 600, V ~ 30k for a batch of 32 x 128). Here the rows go
 through fp32 in small chunks and the gradient is formed in the same pass as the loss,
-so only the bf16 gradient is kept: 1.8x faster than eager on our CPU, same values."""
+so only the bf16 gradient is kept. Same values; forward and backward of 614 x 30522 bf16
+logits took 71 ms against eager's 128-153 ms on our 2-core CPU."""
 
 import torch
 
