@@ -17,8 +17,11 @@ from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm.pretrained import load_tokenizer
+from bert_mlm.quiet import silence_library_noise
 from bert_mlm.throughput import Throughput
 from bert_mlm.vocab import train_wordpiece
+
+silence_library_noise()
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -53,7 +56,11 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     datamodule: MLMDataModule = instantiate(
         cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all"
     )
-    callbacks = [*(instantiate(c, _convert_="all") for c in cfg.callbacks.values()), *callbacks]
+    # Lightning refuses (progress bar) or ignores (summary) these Trainer flags when such a
+    # callback is given: leave the callback out when its flag is false.
+    flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
+    wanted = [c for k, c in cfg.callbacks.items() if cfg.trainer.get(flags.get(k, "")) is not False]
+    callbacks = [*(instantiate(c, _convert_="all") for c in wanted), *callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),

@@ -59,3 +59,24 @@ def test_groups_pick_what_they_say(cfg_of):
     assert "logger" not in cfg_of("logger=none") or not cfg_of("logger=none").logger
     smoke = cfg_of("experiment=smoke")
     assert smoke.model.pretrained is None and smoke.trainer.max_steps == 10
+
+
+# The Trainer arguments conf/trainer/default.yaml lists with Lightning's own defaults.
+LIGHTNING_KEYS = ["strategy", "num_nodes", "max_time", "limit_train_batches", "limit_val_batches", "fast_dev_run",
+                  "overfit_batches", "profiler", "deterministic", "benchmark", "detect_anomaly",
+                  "enable_progress_bar", "enable_model_summary"]
+
+
+def test_common_trainer_arguments_are_set_without_a_plus(cfg_of):
+    import inspect
+
+    import lightning as L
+
+    defaults = inspect.signature(L.Trainer).parameters
+    cfg = cfg_of()
+    for key in LIGHTNING_KEYS:
+        assert cfg.trainer[key] == defaults[key].default, key
+    cfg = cfg_of("trainer.limit_val_batches=2", "trainer.limit_train_batches=0.5", "trainer.fast_dev_run=true",
+                 "trainer.profiler=simple", "trainer.deterministic=true", "trainer.detect_anomaly=true")
+    assert cfg.trainer.limit_val_batches == 2 and cfg.trainer.limit_train_batches == 0.5
+    assert cfg.trainer.fast_dev_run is True and cfg.trainer.profiler == "simple" and cfg.trainer.deterministic

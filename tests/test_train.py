@@ -21,6 +21,7 @@ def smoke_run(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.bf16  # trainer=cpu picks bf16 or fp32 by the CPU
 def test_smoke_run_leaves_a_complete_run_folder(smoke_run):
     run_dir, proc = smoke_run
 
@@ -39,6 +40,12 @@ def test_smoke_run_leaves_a_complete_run_folder(smoke_run):
     assert 0 <= after["val/acc"] <= 1
     assert "val/ppl" in proc.stdout and "before" in proc.stdout and "after" in proc.stdout
     assert "10 steps in" in proc.stdout and "tokens/s" in proc.stdout and f"run folder: {run_dir}" in proc.stdout
+    # The console: one bar counting steps to max_steps; no library noise a user can do nothing about.
+    console = proc.stdout + proc.stderr
+    assert "Training (epoch 0): 100%" in console and "10/10" in console
+    assert "/-2" not in console and "Total params" in console
+    for noise in ("set_vital", "LeafSpec", "Flops", "FLOPs", "Tip:", "Skipping setting a default"):
+        assert noise not in console, noise
 
     # TensorBoard: scalars, the [MASK] probes and the config as text, hparams with final metrics.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -86,6 +93,14 @@ def test_fill_mask_command(smoke_run):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
     proc = fill_mask(str(run_dir / "nowhere"), "a [MASK]")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_lightning_debugging_flags(tmp_path):
+    proc = run_train(tmp_path / "run", *SMOKE, "trainer.fast_dev_run=true", f"data.cache_dir={tmp_path / 'cache'}",
+                     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 1  # one batch
+    assert "Training (epoch" not in proc.stdout + proc.stderr and "Total params" not in proc.stdout
 
 
 def test_own_vocabulary(tmp_path):

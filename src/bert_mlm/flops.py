@@ -1,5 +1,7 @@
 """Model FLOPs per token of BERT MLM training, and the peak FLOP/s that MFU divides by."""
 
+import time
+
 import torch
 from transformers import BertConfig
 
@@ -25,3 +27,19 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in GPU_PEAKS.items() if key in name), None)
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10, tries: int = 4) -> float:
+    """FLOP/s of an n^3 matrix product, the best of `tries` timings of `reps` products:
+    the roofline that MFU is measured against on a CPU."""
+    rng = torch.Generator(device).manual_seed(0)  # not the global one, which dropout draws from
+    a, b = (torch.randn(n, n, generator=rng, device=device).to(dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(tries):  # the first warms up; others may be disturbed
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best

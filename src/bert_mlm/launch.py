@@ -1,11 +1,22 @@
 """How this process runs: on what hardware, in what precision, started by what (a Hydra
 sweep, torchrun, srun), and what that rules out."""
 
+import logging
 import os
 
 import torch
 
 from bert_mlm.errors import UserError
+
+# Set to 1 to run as on a CPU without native bf16 (tests and benchmarks of that path).
+NO_BF16_ENV = "BERT_MLM_NO_BF16"
+log = logging.getLogger(__name__)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16, AMX, Arm BF16).
+    Elsewhere bf16 is emulated, about 100x slower than fp32 (AMD EPYC with AVX2 only)."""
+    return os.environ.get(NO_BF16_ENV, "") in ("", "0") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def launched_world_size() -> int:
@@ -43,8 +54,12 @@ def check_devices(accelerator: str, devices: int | str | list | None) -> None:
 def precision(requested: str, accelerator: str) -> str:
     """`mixed`: bf16 autocast where the hardware runs bf16 natively; else fp16 with loss
     scaling on a GPU, and fp32 on a CPU (where emulated bf16 is slower than fp32)."""
+    on_cpu = accelerator == "cpu"
     if requested != "mixed":
+        if on_cpu and str(requested).startswith("bf16") and not cpu_has_native_bf16():
+            log.warning(f"trainer.precision={requested}: this CPU has no native bf16, so it is emulated "
+                        "and many times slower than fp32; trainer.precision=32-true (or mixed) is faster")
         return requested
-    if accelerator == "cpu":
-        return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    if on_cpu:
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"

@@ -6,7 +6,7 @@ import time
 import lightning as L
 import torch
 
-from bert_mlm.flops import flops_per_token, peak_flops
+from bert_mlm.flops import flops_per_token, measure_peak_flops, peak_flops
 
 
 class Throughput(L.Callback):
@@ -16,13 +16,12 @@ class Throughput(L.Callback):
     Tokens are summed on the device and read only when logged, to avoid a sync per step.
 
     MFU divides by `peak_tflops` when set, else by the datasheet bf16 peak of a known GPU,
-    or on a CPU by `cpu_peak_tflops`: what a large bf16 matrix product reaches there
-    (`make bench` measures it)."""
+    or on a CPU by what a large matrix product in the run's precision reaches there,
+    measured at the start (a fraction of a second)."""
 
-    def __init__(self, warmup_batches: int = 3, peak_tflops: float | None = None, cpu_peak_tflops: float = 0.38):
+    def __init__(self, warmup_batches: int = 3, peak_tflops: float | None = None):
         self.warmup_batches = warmup_batches
         self.peak_tflops = peak_tflops
-        self.cpu_peak_tflops = cpu_peak_tflops
         self.tokens_per_sec: float | None = None
 
     def on_train_start(self, trainer, pl_module):
@@ -32,8 +31,13 @@ class Throughput(L.Callback):
         self._paused = 0.0  # seconds spent in validation since the start
         self._flops_per_token = None
         device = pl_module.device
-        peak = self.peak_tflops or (self.cpu_peak_tflops if device.type == "cpu" else None)
-        peak = peak * 1e12 if peak else peak_flops(device)
+        if self.peak_tflops:
+            peak = self.peak_tflops * 1e12
+        elif device.type == "cpu":
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            peak = measure_peak_flops("cpu", dtype, n=1024, reps=4, tries=2)
+        else:
+            peak = peak_flops(device)
         self._peak = peak and peak * trainer.world_size
 
     def _rate(self, tokens: float) -> float:
