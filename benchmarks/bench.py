@@ -12,7 +12,6 @@ between the losses.
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -186,8 +185,8 @@ def main() -> None:
 
     bf16 = args.device == "cuda" or cpu_has_native_bf16()
     if not bf16:
-        print(f"bf16 is emulated on this CPU (no AVX512-BF16, AMX or Arm BF16{', or ' + NO_BF16_ENV + '=1' if os.environ.get(NO_BF16_ENV) else ''}), "
-              "so many times slower than fp32: bf16 runs and the bf16 peak are left out")
+        print(f"bf16 is not native on this CPU (or {NO_BF16_ENV}=1 says so): emulated, it runs many times "
+              "slower than fp32, so bf16 runs and the bf16 peak are left out")
     runners = (args.runners or ("ours,hf-bf16,hf-fp32" if bf16 else "ours,hf-fp32")).split(",")
     results: dict[str, list[dict]] = {r: [] for r in runners}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()

@@ -42,6 +42,31 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.
     return run([sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *overrides], run_dir.parent, timeout)
 
 
+def run_train_here(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m train` run in this process: the command line's exit status and output
+    without the seconds of importing torch again (for the many bad-input cases)."""
+    import contextlib
+    import io
+
+    import train
+    from hydra.core.global_hydra import GlobalHydra
+
+    out, err = io.StringIO(), io.StringIO()
+    # In-process Hydra resolves config_path against the module `train`, not its file: name it.
+    argv = ["train", f"--config-path={CONF}", f"hydra.run.dir={run_dir}", *overrides]
+    saved_argv, sys.argv = sys.argv, argv
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            train.main()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def last_error(proc: subprocess.CompletedProcess) -> str:
     """The last line on stderr, which for bad input is the `error:` line."""
     assert proc.returncode != 0

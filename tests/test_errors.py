@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bert_mlm.pretrained import load_tokenizer
-from conftest import SMOKE, last_error, run_train
+from conftest import SMOKE, last_error, run_train, run_train_here
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
@@ -56,8 +56,8 @@ def test_bad_input_gives_one_error_line(tmp_path, case):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("earlier work")
-    proc = run_train(run_dir, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}",
-                     *(o.format(d=d) for o in overrides))
+    proc = run_train_here(run_dir, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}",
+                          *(o.format(d=d) for o in overrides))
     last = last_error(proc)
     assert last.startswith("error: ") and needle in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
