@@ -36,7 +36,7 @@ def test_bench_runs_and_compares(tmp_path):
         (r,) = result["results"][runner]
         assert r["tokens_per_sec"] > 0 and r["peak_memory_gb"] > 0 and 0 < r["val_loss"] < 20
     assert result["results"]["ours"][0]["precision"] == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
-    assert (result["peak"]["bf16"] is not None) == cpu_has_native_bf16() and result["peak"]["fp32"] > 0
+    assert all(result["results"][r][0]["peak_flops"] > 0 for r in runners)  # MFU's yardstick, per run
     # Ratios are against the fastest Hugging Face runner.
     best_hf = max(result["results"][r][0]["tokens_per_sec"] for r in runners if r.startswith("hf"))
     ratio = float(rows[1].split("|")[4])
