@@ -81,18 +81,22 @@ def fill_mask(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_fill_mask_command(smoke_run):
+def test_fill_mask_command(smoke_run, capsys):
+    import fill_mask as command
+
     run_dir, _ = smoke_run
+    # In this process for each kind of source (torch is imported once) ...
     for source in (run_dir, run_dir / "hf_model", run_dir / "checkpoints" / "last.ckpt"):
-        proc = fill_mask(str(source), "A [MASK] is raised when the [MASK] is missing.", "--top-k", "3")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        lines = proc.stdout.splitlines()
+        command.main([str(source), "A [MASK] is raised when the [MASK] is missing.", "--top-k", "3"])
+        lines = capsys.readouterr().out.splitlines()
         assert lines[1].startswith("  [MASK] 1: ") and lines[2].startswith("  [MASK] 2: ")
         assert lines[1].count("(") == 3  # three guesses with their probabilities
+    with pytest.raises(SystemExit) as exit:
+        command.main([str(run_dir / "nowhere"), "a [MASK]"])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    # ... and as a user runs it, reading stdin.
     proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
-    proc = fill_mask(str(run_dir / "nowhere"), "a [MASK]")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_lightning_debugging_flags(tmp_path):
