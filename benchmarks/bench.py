@@ -195,7 +195,8 @@ def main() -> None:
     if not bf16:
         print(f"bf16 is not native on this CPU (or {NO_BF16_ENV}=1 says so): emulated, it runs many times "
               "slower than fp32, so bf16 runs and the bf16 peak are left out")
-    runners = (args.runners or ("ours,hf-bf16,hf-fp32" if bf16 else "ours,hf-fp32")).split(",")
+    args.runners = args.runners or ("ours,hf-bf16,hf-fp32" if bf16 else "ours,hf-fp32")
+    runners = args.runners.split(",")
     results: dict[str, list[dict]] = {r: [] for r in runners}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k not in ("out", "worker", "same_batches")] + ["--same-batches"] * args.same_batches

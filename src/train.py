@@ -59,8 +59,8 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     # Lightning refuses (progress bar) or ignores (summary) these Trainer flags when such a
     # callback is given: leave the callback out when its flag is false.
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
-    wanted = [c for k, c in cfg.callbacks.items() if cfg.trainer.get(flags.get(k, "")) is not False]
-    callbacks = [*(instantiate(c, _convert_="all") for c in wanted), *callbacks]
+    off = {name for name, flag in flags.items() if cfg.trainer.get(flag) is False}
+    callbacks = [*(instantiate(c, _convert_="all") for k, c in cfg.callbacks.items() if k not in off), *callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
