@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
+from bert_mlm.interrupt import ctrl_c_as_sigterm
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.throughput import Throughput
@@ -130,22 +131,31 @@ def _user_message(err: BaseException) -> str | None:
     return None
 
 
+def _stopped(cfg: DictConfig, by: str) -> None:
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        print(f"stopped by {by} before anything was trained: nothing to resume", file=sys.stderr)
+        return
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "overwrite="))]
+    resume = " ".join([*task, "ckpt_path=last", f"hydra.run.dir={cfg.output_dir}"])
+    print(f"stopped by {by}; {last} holds the newest state. Resume with:\n"
+          f"  python -m train {resume}", file=sys.stderr)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:
-        return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
-    except SIGTERMException:
-        task = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
-        resume = " ".join([*task, "ckpt_path=last", f"hydra.run.dir={cfg.output_dir}"])
-        print(f"stopped by SIGTERM; saved {cfg.output_dir}/checkpoints/last.ckpt. Resume with:\n"
-              f"  python -m train {resume}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as a shell reports a job ended by it
-    except Exception as err:
-        message = _user_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    with ctrl_c_as_sigterm() as ctrl_c:
+        try:
+            return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
+        except (SIGTERMException, KeyboardInterrupt):
+            _stopped(cfg, "Ctrl-C" if ctrl_c.pressed else "SIGTERM")
+            sys.exit(130 if ctrl_c.pressed else 143)  # 128 + the signal, as a shell reports it
+        except Exception as err:
+            message = _user_message(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

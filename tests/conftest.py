@@ -53,7 +53,9 @@ def run_train_here(run_dir: Path, *overrides: str) -> subprocess.CompletedProces
 
     out, err = io.StringIO(), io.StringIO()
     # In-process Hydra resolves config_path against the module `train`, not its file: name it.
-    argv = ["train", f"--config-path={CONF}", f"hydra.run.dir={run_dir}", *overrides]
+    flags = [o for o in overrides if o.startswith("-")]  # e.g. -m: before the overrides
+    argv = ["train", f"--config-path={CONF}", *flags, f"hydra.run.dir={run_dir}",
+            *(o for o in overrides if o not in flags)]
     saved_argv, sys.argv = sys.argv, argv
     code = 0
     try:

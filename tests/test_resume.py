@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import OFFLINE, ROOT, SMOKE, last_error, run_train
+from conftest import OFFLINE, ROOT, SMOKE, last_error, run_train, run_train_here
 
-# 40 steps of a tiny model, last.ckpt every 4 steps; pydocs in blocks of 64 is ~230 batches an
-# epoch, so an interruption is mid-epoch. One DataLoader worker, as by default.
-RUN = [*SMOKE, "trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.periodic.every_n_train_steps=4",
+# 40 steps of a tiny model, validating at 20 and 40, last.ckpt also every 4 steps; pydocs in
+# blocks of 64 is ~230 batches an epoch, so an interruption is mid-epoch. One DataLoader worker,
+# as by default.
+EVERY = 4
+RUN = [*SMOKE, "trainer.max_steps=40", "trainer.val_check_interval=20", f"callbacks.last.every_n_steps={EVERY}",
        "data.num_workers=1", "model.dropout=0.1"]
 
 
@@ -59,27 +62,58 @@ def assert_same(a, b):
         assert torch.equal(a[1][key], b[1][key]), key
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def saved_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def steps_shown(stdout: str) -> int:
+    """The newest step the progress bar showed ("12/40")."""
+    return max(int(n) for n in re.findall(r"\b(\d+)/40\b", stdout))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     proc = start_train(run_dir, cache)
-    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for(last, proc)  # the first periodic save (step 4), well before the validation at step 20
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
+    step = saved_step(last)
     if signum == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
-    else:  # saved last.ckpt on its way out, and said how to resume
-        assert proc.returncode == 143, stderr[-3000:]
-        assert "stopped by SIGTERM" in stderr and "ckpt_path=last" in stderr
+        assert step < 20 and steps_shown(stdout) - step <= EVERY  # lost at most the periodic interval
+    else:  # finished the batch, saved last.ckpt on its way out, and said how to resume
+        assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr[-3000:]
+        by = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[signum]
+        assert f"stopped by {by}" in stderr and "ckpt_path=last" in stderr
+        assert step >= steps_shown(stdout)  # nothing lost
     assert not (run_dir / "metrics.json").exists()
-    saved_step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < saved_step < 40
+    assert 0 < step < 40
 
     resumed = run_train(run_dir, *RUN, cache, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same(final_state(run_dir), straight_run)
+    # One last.ckpt, always the newest; besides it only the best by val/loss.
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best-step40.ckpt", "last.ckpt"] and saved_step(last) == 40
+
+
+def test_ctrl_c_is_sigterm_once_then_the_default(monkeypatch):
+    from bert_mlm.interrupt import ctrl_c_as_sigterm
+
+    received = []
+    monkeypatch.setattr(signal, "getsignal", lambda s: (lambda *a: received.append(a[0])) if s == signal.SIGTERM else None)
+    with ctrl_c_as_sigterm() as ctrl_c:
+        signal.raise_signal(signal.SIGINT)
+        assert received == [signal.SIGTERM] and ctrl_c.pressed  # as if SIGTERM came: Lightning's stop
+        assert signal.signal(signal.SIGINT, signal.SIG_IGN) == signal.SIG_DFL  # a second one ends the process
+    monkeypatch.undo()
+    with ctrl_c_as_sigterm(), pytest.raises(KeyboardInterrupt):  # no Trainer listening for SIGTERM
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -127,3 +161,17 @@ def test_nonfinite_loss_stops_without_breaking_what_was_saved(tmp_path):
     if last.exists():
         state = torch.load(last, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_saves_by_time_keeps_the_last_k_and_logs_each_write(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train_here(run_dir, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}",
+                          "callbacks.last.every_minutes=1e-9", "callbacks.last.keep_periodic=2")  # every step
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir())
+    best = [n for n in names if n.startswith("best-step")]  # validations at steps 5 and 10
+    assert len(best) == 1 and sorted(set(names) - set(best)) == ["last.ckpt", "step10.ckpt", "step9.ckpt"]
+    assert [saved_step(ckpts / n) for n in ("step9.ckpt", "step10.ckpt", "last.ckpt")] == [9, 10, 10]
+    saves = re.findall(r"saved (\S+) \(step (\d+), \d+ MB\) in [\d.]+ s", (run_dir / "train.log").read_text())
+    assert (str(ckpts / "last.ckpt"), "1") in saves and (str(ckpts / best[0]), best[0][9:-5]) in saves

@@ -1,0 +1,98 @@
+"""checkpoints/last.ckpt, always the newest state: one callback writes it, whatever the
+trigger (every N minutes or steps of training, each validation, SIGTERM or Ctrl-C), and
+every checkpoint write is timed in the log."""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
+
+log = logging.getLogger(__name__)
+
+
+class LastCheckpoint(Checkpoint):
+    """Saves last.ckpt every `every_minutes` of training and/or `every_n_steps` steps, at
+    the end of each validation and of training, and when the run is told to stop. With `keep_periodic`=K
+    the last K periodic saves are also kept, as step{N}.ckpt.
+
+    A Checkpoint subclass, so Lightning runs it after the other callbacks, the best-by-
+    val/loss ModelCheckpoint included: the state it saves has their newest state."""
+
+    def __init__(self, dirpath: str, every_minutes: NonNegativeFloat | None = 30,
+                 every_n_steps: PositiveInt | None = None, keep_periodic: NonNegativeInt = 0):
+        self.dir = Path(dirpath)
+        self.path = self.dir / "last.ckpt"
+        self.every_s = every_minutes * 60 if every_minutes else None
+        self.every_n_steps = every_n_steps
+        self.keep_periodic = keep_periodic
+        self._saved_at = time.monotonic()
+        self._step = self._saved_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        self._saved_at = time.monotonic()  # the interval counts training time, from here
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._step:  # gradient accumulation: no optimizer step in this batch
+            return
+        self._step = step
+        by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        by_time = self.every_s is not None and time.monotonic() - self._saved_at >= self.every_s
+        # The ranks' clocks differ; every rank must take part in a save: rank 0 decides.
+        if trainer.world_size > 1 and self.every_s is not None:
+            by_time = trainer.strategy.broadcast(by_time)
+        if by_steps or by_time:
+            self._save(trainer)
+            if self.keep_periodic:
+                self._keep_copy(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        if trainer.global_step != self._saved_step:  # the final state, when no validation saved it
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException):
+        # SIGTERM (and Ctrl-C, which train.py turns into it): Lightning finishes the batch,
+        # then raises this on every rank.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer):
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank: it synchronizes them
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+
+    def _keep_copy(self, trainer: L.Trainer):
+        """step{N}.ckpt as a hard link to this last.ckpt (no second write: the next save
+        replaces last.ckpt by a new file), and only the newest `keep_periodic` of them."""
+        if not trainer.is_global_zero:
+            return
+        copy = self.path.with_name(f"step{trainer.global_step}.ckpt")
+        copy.unlink(missing_ok=True)  # a resumed run passing this step again
+        try:
+            copy.hardlink_to(self.path)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(self.path, copy)
+        kept = sorted(self.dir.glob("step*.ckpt"), key=lambda p: int(p.stem.removeprefix("step")))
+        for old in kept[: -self.keep_periodic]:
+            old.unlink()
+
+
+class TimedCheckpointIO(TorchCheckpointIO):
+    """Logs how long each checkpoint took to write and how big it is: on fast hardware a
+    multi-GB save every few minutes is a share of the run worth knowing."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        start = time.perf_counter()
+        super().save_checkpoint(checkpoint, path, storage_options)
+        size_mb = Path(path).stat().st_size / 2**20
+        log.info(f"saved {path} (step {checkpoint['global_step']}, {size_mb:.0f} MB) in "
+                 f"{time.perf_counter() - start:.1f} s")

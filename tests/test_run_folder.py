@@ -1,0 +1,41 @@
+"""A run folder holding an earlier run is never overwritten by accident."""
+
+from pathlib import Path
+
+import torch
+
+from conftest import SMOKE, last_error, run_train_here
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMOKE, f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_train_here(run_dir, *args).returncode == 0
+    before = snapshot(run_dir)
+
+    proc = run_train_here(run_dir, *args, "model.lr=1e-4")
+    line = last_error(proc)
+    assert "already holds a run" in line and "ckpt_path=last" in line and "overwrite=true" in line, line
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run_dir) == before  # its .hydra/ config record included
+
+    # A deliberate overwrite replaces the earlier run's outputs, none of them left mixed in.
+    proc = run_train_here(run_dir, *args, "overwrite=true", "trainer.max_steps=6", "trainer.val_check_interval=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-step6.ckpt", "last.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_sweep_into_an_earlier_sweep_folder_is_refused(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", f"hydra.sweep.dir={sweep_dir}", *SMOKE, "trainer.max_steps=2", "trainer.val_check_interval=2",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_train_here(tmp_path / "unused", *args).returncode == 0
+    before = snapshot(sweep_dir)
+    line = last_error(run_train_here(tmp_path / "unused", *args))
+    assert "already holds a run" in line and str(sweep_dir / "0") in line, line
+    assert snapshot(sweep_dir) == before
