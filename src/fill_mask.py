@@ -7,10 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel, Field, PositiveInt
 from transformers import pipeline
 
 from bert_mlm import MLMModule, UserError
+from bert_mlm.checks import check_values
 from bert_mlm.pretrained import locate
+
+
+class Options(BaseModel):
+    """The options' ranges (argparse checks only their types), named as on the command line."""
+
+    top_k: PositiveInt = Field(alias="top-k")
 
 
 def load(source: str):
@@ -35,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("text", nargs="*", help="texts with [MASK]; none: read lines from stdin")
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)
-    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
     try:
+        check_values("--", Options, {"top-k": args.top_k})
+        texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
         fill = load(args.model)
         mask = fill.tokenizer.mask_token
         for text in texts:

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
+from bert_mlm.checks import building, check_config
 from bert_mlm.interrupt import ctrl_c_as_sigterm
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
@@ -41,34 +42,44 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
 
 
 def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:
-    """Checks `cfg` and builds what it describes: the module, the data and the trainer."""
+    """Checks `cfg` and builds what it describes: the module, the data and the trainer.
+    What a library raises while building a group becomes a UserError naming that group."""
+    check_config(cfg)
     launch.check_devices(cfg.trainer.accelerator, cfg.trainer.get("devices"))
     if cfg.data.streaming and cfg.trainer.max_steps <= 0:
         raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
     _check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
-    module: MLMModule = instantiate(cfg.model, tokenizer=tokenizer, _convert_="all")
+    with building("tokenizer", cfg.tokenizer):
+        tokenizer = _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
+    with building("model", cfg.model):
+        module: MLMModule = instantiate(cfg.model, tokenizer=tokenizer, _convert_="all")
     positions = module.model.config.max_position_embeddings
     if cfg.data.max_length > positions:
         raise UserError(
             f"data.max_length={cfg.data.max_length} is above the model's {positions} positions: lower it"
         )
-    datamodule: MLMDataModule = instantiate(
-        cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all"
-    )
+    with building("data", cfg.data):
+        datamodule: MLMDataModule = instantiate(cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all")
     # Lightning refuses (progress bar) or ignores (summary) these Trainer flags when such a
     # callback is given: leave the callback out when its flag is false.
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
     off = {name for name, flag in flags.items() if cfg.trainer.get(flag) is False}
-    callbacks = [*(instantiate(c, _convert_="all") for k, c in cfg.callbacks.items() if k not in off), *callbacks]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
-        logger=instantiate(cfg.logger) if cfg.logger else False,
-        callbacks=callbacks,
-        _convert_="all",
-    )
+    built = []
+    for name, node in cfg.callbacks.items():
+        if name not in off:
+            with building(f"callbacks.{name}", node):
+                built.append(instantiate(node, _convert_="all"))
+    with building("logger", cfg.logger):
+        logger = instantiate(cfg.logger) if cfg.logger else False
+    with building("trainer", cfg.trainer):
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
+            logger=logger,
+            callbacks=[*built, *callbacks],
+            _convert_="all",
+        )
     return module, datamodule, trainer
 
 

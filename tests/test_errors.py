@@ -18,6 +18,12 @@ def files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Too short for a block.\n")
     (tmp_path / "data.csv").write_text("id,body\n" + "".join(f"{i},{TEXT}\n" for i in range(50)))
+    (tmp_path / "text.txt").write_text(f"{TEXT}\n" * 50)
+    (tmp_path / "blank.txt").write_text("   \n\t\n \n" * 20)
+    (tmp_path / "numbers.jsonl").write_text("".join(f'{{"text": {i}}}\n' for i in range(50)))
+    (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "whole.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:2000])
     return tmp_path
 
 
@@ -44,6 +50,24 @@ CASES = {
     "endless training": (["trainer.max_steps=-1"], "trainer.max_steps"),
     "no GPU": (["trainer=gpu"], "trainer=cpu"),
     "streaming without max_steps": (["data.streaming=true", "trainer.max_steps=-1"], "trainer.max_steps"),
+    "batch size of 0": (["data.batch_size=0"], "data.batch_size=0"),
+    "negative learning rate": (["model.lr=-1"], "model.lr=-1"),
+    "negative warm-up": (["model.warmup_steps=-5"], "model.warmup_steps=-5"),
+    "no layers": (["model.num_layers=0"], "model.num_layers=0"),
+    "heads that do not divide the hidden size": (["model.num_heads=3"], "model.num_heads=3"),
+    "no devices": (["trainer.devices=0"], "trainer.devices=0"),
+    "unknown precision": (["trainer.precision=bogus"], "trainer.precision=bogus"),
+    # Lightning's own message, named after the key
+    "unknown strategy": (["trainer.strategy=bogus"], "trainer.strategy=bogus"),
+    "file that is not a checkpoint": (["ckpt_path={d}/garbage.ckpt"], "cannot be read as a checkpoint"),
+    "truncated checkpoint": (["ckpt_path={d}/truncated.ckpt"], "cannot be read as a checkpoint"),
+    "only whitespace": (["data=text", "data.train_files=[{d}/blank.txt]"], "no text"),
+    "whitespace-only validation file": (
+        ["data=text", "data.train_files=[{d}/text.txt]", "data.val_files=[{d}/blank.txt]"], "data.val_files"
+    ),
+    "numbers in the text column": (["data=text", "data.train_files=[{d}/numbers.jsonl]"], "data.text_column"),
+    "empty validation file": (["data=text", "data.train_files=[{d}/text.txt]", "data.val_files=[{d}/empty.txt]"],
+                              "empty.txt' is empty"),
 }
 
 
@@ -73,6 +97,15 @@ def test_resuming_another_model_size(tmp_path):
     proc = run_train(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
     assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
+
+
+def test_fill_mask_refuses_top_k_of_0(capsys):
+    import fill_mask
+
+    with pytest.raises(SystemExit) as exit:  # refused before any model is looked for
+        fill_mask.main(["no-such-model", "a [MASK]", "--top-k", "0"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --top-k=0: input should be greater than 0"
 
 
 def test_unknown_option_is_named(tmp_path):

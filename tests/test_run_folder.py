@@ -23,6 +23,10 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     assert "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before  # its .hydra/ config record included
 
+    # Resuming it with a bad value: refused before Hydra rewrites its .hydra/ record.
+    proc = run_train_here(run_dir, *args, "ckpt_path=last", "model.lr=-1")
+    assert last_error(proc).startswith("error: model.lr=-1") and snapshot(run_dir) == before
+
     # A deliberate overwrite replaces the earlier run's outputs, none of them left mixed in.
     proc = run_train_here(run_dir, *args, "overwrite=true", "trainer.max_steps=6", "trainer.val_check_interval=3")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,16 +5,19 @@ come from the heap and freed ones stay there (the README's lever table has the e
 
 import ctypes
 import logging
+from typing import Annotated
 
 import lightning as L
+from pydantic import Field, NonNegativeInt
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 log = logging.getLogger(__name__)
 
 
 class KeepFreedMemory(L.Callback):
-    def __init__(self, mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024):
-        self.mmap_threshold = mmap_threshold_mb * 2**20  # glibc's largest allowed
+    def __init__(self, mmap_threshold_mb: Annotated[int, Field(ge=0, le=32)] = 32,  # glibc's largest allowed
+                 trim_threshold_mb: NonNegativeInt = 1024):
+        self.mmap_threshold = mmap_threshold_mb * 2**20
         self.trim_threshold = trim_threshold_mb * 2**20
 
     def setup(self, trainer, pl_module, stage):

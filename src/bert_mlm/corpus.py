@@ -40,6 +40,8 @@ def _builder(files: list[str]) -> str:
     for f in files:
         if not Path(f).is_file():
             raise UserError(f"data file '{f}' does not exist: check data.train_files / data.val_files")
+        if Path(f).stat().st_size == 0:
+            raise UserError(f"data file '{f}' is empty: add text or leave it out of data.train_files / data.val_files")
     suffixes = {Path(f).suffix.lower() for f in files}
     unknown = suffixes - BUILDERS.keys()
     if unknown:
@@ -87,6 +89,20 @@ def hub(name: str, config: str | None, cache_dir: str | None, streaming: bool = 
         ) from err
 
 
+def _column_kind(split: datasets.Dataset | datasets.IterableDataset, column: str) -> str | None:
+    """The type of a column's values ("string" for text); None where it is not known
+    (a stream that declares no features, or holds no rows)."""
+    feature = (split.features or {}).get(column)
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    if feature is not None:
+        return type(feature).__name__  # a list, a dict, ...
+    if isinstance(split, datasets.IterableDataset):  # its first row tells
+        first = next(iter(split), {}).get(column)
+        return None if first is None or isinstance(first, str) else type(first).__name__
+    return None
+
+
 def with_validation(
     raw: Corpus, text_column: str, val_percent: float, val_rows: int, seed: int
 ) -> Corpus:
@@ -102,12 +118,21 @@ def with_validation(
         raise UserError("the training data is empty: check data.train_files")
     if text_column not in columns:
         raise UserError(f"the data has no column '{text_column}' (it has {columns}): set data.text_column")
+    for name, rows in raw.items():
+        kind = _column_kind(rows, text_column)
+        if kind not in ("string", "large_string", None):
+            raise UserError(f"the {name} data's column '{text_column}' holds {kind} values, not text: "
+                            "set data.text_column to the column with the text")
     if "validation" in raw:
         validation = raw["validation"]
     elif streaming:
         train, validation = train.skip(val_rows), train.take(val_rows)
     else:
-        split = train.train_test_split(test_size=val_percent / 100, seed=seed)
+        try:
+            split = train.train_test_split(test_size=val_percent / 100, seed=seed)
+        except ValueError as err:  # too few rows to leave some on both sides
+            raise UserError(f"the training data has {len(train)} rows, too few to hold out "
+                            f"data.val_percent={val_percent}% for validation: add text or set data.val_files") from err
         train, validation = split["train"], split["test"]
     kind = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
     out = kind({"train": train, "validation": validation}).select_columns([text_column])

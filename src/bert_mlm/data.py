@@ -1,26 +1,38 @@
 """MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
 
 import logging
+from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
 from datasets.distributed import split_dataset_by_node
+from pydantic import AfterValidator, Field, FilePath, NonNegativeInt, PositiveInt, ValidationInfo
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bert_mlm import corpus
+from bert_mlm.checks import Probability
 from bert_mlm.errors import UserError
 from bert_mlm.masking import MaskingCollator
 from bert_mlm.order import EpochShuffle, WithMaskSeeds
 
-CORPORA = ("pydocs", "text", "hub")
 log = logging.getLogger(__name__)
+
+
+def _fits_with_mask_prob(random_prob: float, info: ValidationInfo) -> float:
+    mask_prob = info.data.get("mask_prob", 0)
+    if mask_prob + random_prob > 1:
+        raise ValueError(f"mask_prob={mask_prob} + random_prob={random_prob} is above 1: both are shares "
+                         "of the chosen tokens")
+    return random_prob
 
 
 def _tokenize(batch, tokenizer, packing: bool, max_length: int):
     texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
-    ids = tokenizer(texts, add_special_tokens=not packing, verbose=False)["input_ids"]
+    # A batch with no text at all (blank lines): the tokenizer fails on an empty list.
+    ids = tokenizer(texts, add_special_tokens=not packing, verbose=False)["input_ids"] if texts else []
     if packing:  # special tokens are added per block, when packing
         return {"input_ids": ids}
     # One example per line: longer lines keep their first max_length - 1 tokens and [SEP].
@@ -46,38 +58,29 @@ class MLMDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        corpus: str = "pydocs",
-        train_files: list[str] | None = None,
-        val_files: list[str] | None = None,
+        corpus: Literal["pydocs", "text", "hub"] = "pydocs",
+        train_files: list[FilePath] | None = None,
+        val_files: list[FilePath] | None = None,
         text_column: str = "text",
-        val_percent: float = 5.0,
+        val_percent: Annotated[float, Field(gt=0, lt=100)] = 5.0,
         hub_dataset: str | None = None,
         hub_config: str | None = None,
-        max_length: int = 128,
+        max_length: Annotated[int, Field(ge=8)] = 128,
         packing: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 32,
+        num_workers: NonNegativeInt = 0,
         streaming: bool = False,
-        val_rows: int = 1000,
-        shuffle_buffer: int = 10_000,
-        mlm_probability: float = 0.15,
+        val_rows: PositiveInt = 1000,
+        shuffle_buffer: PositiveInt = 10_000,
+        mlm_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15,
         whole_word_mask: bool = False,
-        mask_prob: float = 0.8,
-        random_prob: float = 0.1,
+        mask_prob: Probability = 0.8,
+        random_prob: Annotated[Probability, AfterValidator(_fits_with_mask_prob)] = 0.1,
         seed: int = 0,
         cache_dir: str | None = None,
     ):
+        """The ranges in the annotations are checked with the rest of the config (checks.py)."""
         super().__init__()
-        if corpus not in CORPORA:
-            raise UserError(f"data.corpus '{corpus}' is unknown: use one of {CORPORA}")
-        if not 0 < mlm_probability < 1:
-            raise UserError(f"data.mlm_probability={mlm_probability} must be between 0 and 1 (exclusive)")
-        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
-            raise UserError("data.mask_prob and data.random_prob must be >= 0 and sum to at most 1")
-        if not 0 < val_percent < 100:
-            raise UserError(f"data.val_percent={val_percent} must be between 0 and 100")
-        if max_length < 8:
-            raise UserError(f"data.max_length={max_length} is too short: use at least 8")
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.train_files, self.val_files = train_files, val_files
@@ -168,15 +171,18 @@ class MLMDataModule(L.LightningDataModule):
         self.train_set, self.val_set = (
             split_dataset_by_node(tokens[split], rank, world_size) for split in ("train", "validation")
         )
+        # A stream that makes no example would train on nothing, epoch after empty epoch:
+        # read up to its first example (all of it, when there is none).
+        for split, examples in (("train", self.train_set), ("validation", self.val_set)):
+            if next(iter(examples), None) is None:
+                raise UserError(self._why_empty(split, (row["text"] for row in raw[split])))
 
     def _setup_tokenized(self):
-        tokens = self._tokenized(self._raw())
+        raw = self._raw()
+        tokens = self._tokenized(raw)
         for split, ds in tokens.items():
             if len(ds) == 0:
-                raise UserError(
-                    f"the {split} text is shorter than one block of data.max_length={self.max_length} "
-                    "tokens: add text or lower data.max_length"
-                )
+                raise UserError(self._why_empty(split, raw[split]["text"]))
         if len(tokens["train"]) < self.batch_size:
             raise UserError(
                 f"the training text makes {len(tokens['train'])} examples, fewer than one batch "
@@ -191,6 +197,18 @@ class MLMDataModule(L.LightningDataModule):
                 )
             tokens = tokens.remove_columns("truncated")
         self.train_set, self.val_set = tokens["train"], tokens["validation"]
+
+    def _why_empty(self, split: str, texts: Iterable) -> str:
+        texts = list(texts)
+        if not texts and self.streaming and split == "train":
+            return (f"no training rows are left after the first data.val_rows={self.val_rows}, which are held out "
+                    "for validation: lower data.val_rows or set data.val_files")
+        if not any(isinstance(t, str) and t.strip() for t in texts):
+            source = {"text": "data.val_files" if split == "validation" and self.val_files else "data.train_files",
+                      "hub": "data.hub_dataset"}.get(self.corpus, "data.corpus")
+            return f"the {split} data holds no text, only empty or blank rows: check {source}"
+        return (f"the {split} text is shorter than one block of data.max_length={self.max_length} "
+                "tokens: add text or lower data.max_length")
 
     def _loader(self, dataset, collator, train: bool, sampler=None) -> DataLoader:
         # StatefulDataLoader: Lightning saves its position in checkpoints, so a run resumed

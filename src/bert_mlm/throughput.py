@@ -5,6 +5,7 @@ import time
 
 import lightning as L
 import torch
+from pydantic import PositiveFloat, PositiveInt
 
 from bert_mlm.flops import flops_per_token, measure_peak_flops, peak_flops
 
@@ -19,7 +20,7 @@ class Throughput(L.Callback):
     or on a CPU by what a large matrix product in the run's precision reaches there,
     measured at the start (a fraction of a second)."""
 
-    def __init__(self, warmup_batches: int = 3, peak_tflops: float | None = None):
+    def __init__(self, warmup_batches: PositiveInt = 3, peak_tflops: PositiveFloat | None = None):
         self.warmup_batches = warmup_batches
         self.peak_tflops = peak_tflops
         self.tokens_per_sec: float | None = None

@@ -3,15 +3,18 @@ with the `tokenizers` library, for pretraining from scratch on a new domain or l
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field, PositiveInt
 from tokenizers import BertWordPieceTokenizer
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
            "mask_token": "[MASK]"}
+VocabSize = Annotated[int, Field(gt=len(SPECIAL))]  # room for more than the special tokens
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2,
+def train_wordpiece(texts: Iterable[str], vocab_size: VocabSize, out_dir: Path, min_frequency: PositiveInt = 2,
                     lowercase: bool = True) -> Path:
     """Trains on `texts` and saves a transformers tokenizer into `out_dir` (returned)."""
     wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
