@@ -51,7 +51,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     _check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     with building("tokenizer", cfg.tokenizer):
-        tokenizer = _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
+        tokenizer = _tokenizer(cfg)
     with building("model", cfg.model):
         module: MLMModule = instantiate(cfg.model, tokenizer=tokenizer, _convert_="all")
     positions = module.model.config.max_position_embeddings
@@ -59,8 +59,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
         raise UserError(
             f"data.max_length={cfg.data.max_length} is above the model's {positions} positions: lower it"
         )
-    with building("data", cfg.data):
-        datamodule: MLMDataModule = instantiate(cfg.data, tokenizer=module.tokenizer, seed=cfg.seed, _convert_="all")
+    datamodule = _datamodule(cfg, module.tokenizer)
     # Lightning refuses (progress bar) or ignores (summary) these Trainer flags when such a
     # callback is given: leave the callback out when its flag is false.
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
@@ -76,11 +75,48 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
         trainer: L.Trainer = instantiate(
             cfg.trainer,
             precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
+            val_check_interval=_val_interval(cfg.trainer),
             logger=logger,
             callbacks=[*built, *callbacks],
             _convert_="all",
         )
     return module, datamodule, trainer
+
+
+def _tokenizer(cfg: DictConfig) -> str | None:
+    return _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
+
+
+def _datamodule(cfg: DictConfig, tokenizer) -> MLMDataModule:
+    with building("data", cfg.data):
+        return instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
+
+
+def _val_interval(trainer: DictConfig) -> int | float | str:
+    """trainer.val_check_interval=null: every 1,000 steps, or halfway through a shorter run
+    (the default 40 steps: at 20 and 40). Lightning counts batches, hence the accumulation."""
+    if trainer.val_check_interval is not None:
+        return trainer.val_check_interval
+    steps = min(1000, trainer.max_steps // 2) if trainer.max_steps >= 2 else 1000
+    return steps * trainer.accumulate_grad_batches
+
+
+def prepare(cfg: DictConfig) -> None:
+    """prepare_only=true: tokenizes and packs the corpus into the `datasets` cache, then
+    stops. A DDP run on a large corpus then only memory-maps it, and no rank waits for rank
+    0's tokenizing past the process group's time-out."""
+    check_config(cfg)
+    if cfg.data.streaming:
+        raise UserError("data.streaming=true tokenizes as it trains, so there is nothing to prepare: "
+                        "drop prepare_only")
+    with building("tokenizer", cfg.tokenizer):
+        tokenizer = load_tokenizer(_tokenizer(cfg) or cfg.model.pretrained)
+    data = _datamodule(cfg, tokenizer)
+    data.prepare_data()
+    data.setup("fit")
+    print(f"prepared {len(data.train_set):,} training and {len(data.val_set):,} validation blocks of "
+          f"{cfg.data.max_length} tokens in the cache ({cfg.data.cache_dir or '~/.cache/huggingface/datasets'}); "
+          "train with the same data and model settings, without prepare_only")
 
 
 def _trained_tokenizer(cfg: DictConfig) -> str:
@@ -157,6 +193,8 @@ def _stopped(cfg: DictConfig, by: str) -> None:
 def main(cfg: DictConfig) -> float:
     with ctrl_c_as_sigterm() as ctrl_c:
         try:
+            if cfg.prepare_only:
+                return prepare(cfg)
             return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
         except (SIGTERMException, KeyboardInterrupt):
             _stopped(cfg, "Ctrl-C" if ctrl_c.pressed else "SIGTERM")

@@ -104,3 +104,28 @@ def test_wikitext(tokenizer, tmp_path):
     dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[str(WIKITEXT)], max_length=128)
     # ~1.1 MB of text is ~250k tokens: about 2000 blocks of 128.
     assert 1500 < len(dm.train_set) + len(dm.val_set) < 3000
+
+
+def test_parallel_preparation_makes_the_same_blocks(tokenizer, tmp_path):
+    one = datamodule(tokenizer, tmp_path / "one", max_length=64, num_proc=1)
+    two = datamodule(tokenizer, tmp_path / "two", max_length=64, num_proc=2)
+    assert two.train_set["input_ids"] == one.train_set["input_ids"]
+    assert two.val_set["input_ids"] == one.val_set["input_ids"]
+
+
+def test_the_cache_follows_the_files(tokenizer, tmp_path):
+    path = tmp_path / "a.txt"
+    files = dict(corpus="text", train_files=[write(path, LINES)], val_files=[str(path)])
+    first = len(datamodule(tokenizer, tmp_path, **files, max_length=32).train_set)
+    write(path, LINES * 2)  # new content (size and modification time) under the same name
+    second = len(datamodule(tokenizer, tmp_path, **files, max_length=32).train_set)
+    assert second > first
+    assert len(datamodule(tokenizer, tmp_path, **files, max_length=64).train_set) < second  # another block length
+
+
+def test_validation_is_a_fixed_sample_of_at_most_val_max_blocks(tokenizer, tmp_path):
+    full = datamodule(tokenizer, tmp_path, max_length=32, val_max_blocks=None).val_set
+    sample = datamodule(tokenizer, tmp_path, max_length=32, val_max_blocks=50).val_set
+    again = datamodule(tokenizer, tmp_path, max_length=32, val_max_blocks=50).val_set
+    assert len(full) > 50 and len(sample) == 50
+    assert sample["input_ids"] == again["input_ids"] and all(x in full["input_ids"] for x in sample["input_ids"])

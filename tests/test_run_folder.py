@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from bert_mlm.preflight import holds_run
 from conftest import SMOKE, last_error, run_train_here
 
 
@@ -43,3 +44,12 @@ def test_a_sweep_into_an_earlier_sweep_folder_is_refused(tmp_path):
     line = last_error(run_train_here(tmp_path / "unused", *args))
     assert "already holds a run" in line and str(sweep_dir / "0") in line, line
     assert snapshot(sweep_dir) == before
+
+
+def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    cache = tmp_path / "cache"
+    proc = run_train_here(run_dir, *SMOKE, f"data.cache_dir={cache}", "prepare_only=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prepared" in proc.stdout and "training and" in proc.stdout
+    assert not holds_run(run_dir) and any(cache.rglob("cache-*.arrow"))

@@ -92,6 +92,7 @@ class RunKeys(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     ckpt_path: Literal["last"] | FilePath | None = None
     overwrite: bool = False
+    prepare_only: bool = False
     tokenizer: TokenizerKeys = TokenizerKeys()
 
 

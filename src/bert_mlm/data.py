@@ -1,6 +1,8 @@
 """MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
 
 import logging
+import os
+import random
 from collections.abc import Iterable
 from typing import Annotated, Literal
 
@@ -69,6 +71,8 @@ class MLMDataModule(L.LightningDataModule):
         packing: bool = True,
         batch_size: PositiveInt = 32,
         num_workers: NonNegativeInt = 0,
+        num_proc: PositiveInt | None = None,
+        val_max_blocks: PositiveInt | None = 2000,
         streaming: bool = False,
         val_rows: PositiveInt = 1000,
         shuffle_buffer: PositiveInt = 10_000,
@@ -88,6 +92,8 @@ class MLMDataModule(L.LightningDataModule):
         self.hub_dataset, self.hub_config = hub_dataset, hub_config
         self.max_length, self.packing = max_length, packing
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_proc = num_proc or os.cpu_count()
+        self.val_max_blocks = val_max_blocks
         self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir
         masking = dict(
@@ -132,8 +138,12 @@ class MLMDataModule(L.LightningDataModule):
             batched=True,
             remove_columns=["text"],
             fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length),
+            # In parallel: each row's tokens do not depend on how the rows were shared out.
             **progress("Tokenizing"),
+            **({} if self.streaming else {"num_proc": self.num_proc}),
         )
+        # Packing runs in one process, in batches of 1000 rows: its blocks (each batch's tail
+        # is dropped) must not depend on the number of processes.
         if self.packing:
             tokens = tokens.map(
                 _pack,
@@ -196,7 +206,14 @@ class MLMDataModule(L.LightningDataModule):
                     f"data.max_length={self.max_length} tokens and were truncated (data.packing=true keeps all text)"
                 )
             tokens = tokens.remove_columns("truncated")
-        self.train_set, self.val_set = tokens["train"], tokens["validation"]
+        self.train_set, self.val_set = tokens["train"], self._bounded(tokens["validation"])
+
+    def _bounded(self, val_set):
+        """At most `val_max_blocks` validation blocks: a fixed sample (by the seed), the same
+        for the validations before, during and after training, whatever the corpus size."""
+        if self.val_max_blocks is None or len(val_set) <= self.val_max_blocks:
+            return val_set
+        return val_set.select(sorted(random.Random(self.seed).sample(range(len(val_set)), self.val_max_blocks)))
 
     def _why_empty(self, split: str, texts: Iterable) -> str:
         texts = list(texts)
