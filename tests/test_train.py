@@ -104,6 +104,7 @@ def test_lightning_debugging_flags(tmp_path):
                      "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 1  # one batch
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))  # a debugging run saves none
     assert "Training (epoch" not in proc.stdout + proc.stderr and "Total params" not in proc.stdout
 
 

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 class LastCheckpoint(Checkpoint):
     """Saves last.ckpt every `every_minutes` of training and/or `every_n_steps` steps, at
-    the end of each validation and of training, and when the run is told to stop. With `keep_periodic`=K
-    the last K periodic saves are also kept, as step{N}.ckpt.
+    the end of each validation and of training, and when the run is told to stop. With
+    `keep_periodic`=K the last K periodic saves are also kept, as step{N}.ckpt.
 
     A Checkpoint subclass, so Lightning runs it after the other callbacks, the best-by-
     val/loss ModelCheckpoint included: the state it saves has their newest state."""
@@ -67,6 +67,8 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer):
+        if trainer.fast_dev_run:  # a debugging run saves nothing, as with Lightning's own
+            return
         trainer.save_checkpoint(self.path, weights_only=False)  # every rank: it synchronizes them
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
