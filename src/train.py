@@ -112,8 +112,7 @@ def prepare(cfg: DictConfig) -> None:
     with building("tokenizer", cfg.tokenizer):
         tokenizer = load_tokenizer(_tokenizer(cfg) or cfg.model.pretrained)
     data = _datamodule(cfg, tokenizer)
-    data.prepare_data()
-    data.setup("fit")
+    data.setup("fit")  # tokenizes and packs into the cache, as prepare_data would, and counts the blocks
     print(f"prepared {len(data.train_set):,} training and {len(data.val_set):,} validation blocks of "
           f"{cfg.data.max_length} tokens in the cache ({cfg.data.cache_dir or '~/.cache/huggingface/datasets'}); "
           "train with the same data and model settings, without prepare_only")
@@ -128,7 +127,7 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
     path = Path(cfg.output_dir) / "tokenizer"
     if not (path / "tokenizer.json").exists():
         # The data module reads the text; its own tokenizer (the configured one) is not used.
-        data = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model.tokenizer), seed=cfg.seed, _convert_="all")
+        data = _datamodule(cfg, load_tokenizer(cfg.model.tokenizer))
         texts = (line for lines in data.train_texts() for line in lines if line)
         train_wordpiece(texts, cfg.tokenizer.vocab_size, path, cfg.tokenizer.min_frequency)
     return str(path)
