@@ -1,11 +1,11 @@
-# make install | train | test | bench | tensorboard | clean
+# make install | train | test | bench | bench-quality | bench-data | gpu-check | tensorboard | clean
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # This machine's CPU build of torch; GPU users: make install TORCH=torch (or your CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test bench tensorboard clean
+.PHONY: install train test bench bench-quality bench-data gpu-check tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,23 @@ test: install
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH)
 
+# Held-out loss against training time: this project against the Hugging Face recipe (lr 5e-5 and 5e-4),
+# the same budget each; BENCH_QUALITY="--budget 1800 --train a.txt --heldout b.txt" (about 3x the budget + 5 min)
+bench-quality: install
+	$(PY) benchmarks/bench_quality.py $(BENCH_QUALITY)
+
+# Data preparation MB/s against run_mlm.py's, DataLoader sequences/s, peak RSS on a small and a large
+# corpus; BENCH_DATA="--mb 100 --procs 8" etc. (the default 300 MB takes about an hour on 2 cores)
+bench-data: install
+	$(PY) benchmarks/bench_data.py $(BENCH_DATA)
+
+# On a machine with NVIDIA GPUs (after make install TORCH=torch): the GPU tests, BERT-base against
+# the Hugging Face recipe, the largest batch, a profile; one table in gpu-check/ (under 10 min)
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir_spec outputs:outputs,multirun:multirun
 
 clean:
-	rm -rf outputs multirun .pytest_cache .bench
+	rm -rf outputs multirun .pytest_cache .bench .bench-data gpu-check

@@ -12,12 +12,14 @@ between the losses.
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,8 @@ LR, WARMUP_LR_STEPS = 5e-4, 5
 
 def config_overrides(args) -> list[str]:
     layers, hidden, heads, inter = SIZES[args.size]
-    data = (["data=text", f"data.train_files=[{WIKITEXT}]"] if WIKITEXT.exists() else ["data=pydocs"])
+    text = Path(args.text) if args.text else WIKITEXT if WIKITEXT.exists() else None
+    data = ["data=text", f"data.train_files=[{text}]"] if text else ["data=pydocs"]
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     return [
         "model=tiny", f"model.num_layers={layers}", f"model.hidden_size={hidden}",
@@ -75,8 +78,6 @@ def val_loss(model, datamodule, device: str, batches: int = 10) -> float:
 
 
 def run_ours(args) -> dict:
-    import lightning as L
-
     sys.path.insert(0, str(ROOT / "src"))
     from train import build
 
@@ -87,12 +88,55 @@ def run_ours(args) -> dict:
             losses.append(outputs["loss"].detach())
 
     cfg = compose(args, args.ours.split())
-    module, datamodule, trainer = build(cfg, callbacks=[Losses()])
+    profile = Profile(args.warmup, args.device) if args.profile else None
+    module, datamodule, trainer = build(cfg, callbacks=[Losses(), *[profile] * bool(profile)])
     trainer.fit(module, datamodule)
     tps = next(c for c in trainer.callbacks if type(c).__name__ == "Throughput").tokens_per_sec
     return {"tokens_per_sec": tps, "losses": [float(x) for x in losses],
             "val_loss": val_loss(module.model, datamodule, args.device),
-            "precision": trainer.precision, "config": module.model.config.to_dict()}
+            "precision": trainer.precision, "config": module.model.config.to_dict(),
+            **({"profile": profile.summary(args.steps)} if profile else {})}
+
+
+# Host-side calls that wait for the device: .item() and friends, nonzero (boolean indexing),
+# device-to-host copies, explicit synchronisation.
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+class Profile(L.Callback):
+    """torch.profiler over the timed steps: where the device time goes, how busy the GPU
+    is, and how often the host waits for it (each wait stops the host queueing work ahead)."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device = warmup, device
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, module):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.wall_us = (time.perf_counter() - self.start) * 1e6
+        self.profiler.__exit__(None, None, None)
+
+    def summary(self, steps: int) -> dict:
+        events = self.profiler.key_averages()
+        cuda = self.device == "cuda"
+        own = "self_device_time_total" if cuda else "self_cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, own), reverse=True)[:12]
+        return {
+            "device_busy": sum(e.self_device_time_total for e in events) / self.wall_us if cuda else None,
+            "ms_per_step": self.wall_us / 1e3 / steps,
+            "syncs_per_step": {e.key: e.count / steps for e in events if e.key in SYNCS},
+            "top": [(e.key, getattr(e, own) / 1e3 / steps) for e in top],  # ms per step
+        }
 
 
 def run_hf(args, bf16: bool) -> dict:
@@ -150,6 +194,15 @@ def run_hf(args, bf16: bool) -> dict:
             "precision": "bf16-mixed" if bf16 else "32-true", "config": model.config.to_dict()}
 
 
+def run_worker(command: list[str], name: str, env: dict[str, str] | None = None) -> dict:
+    """Runs a worker process and returns what it printed on its `RESULT {json}` line."""
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def worker(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from bert_mlm.flops import measure_peak_flops, peak_flops
@@ -178,6 +231,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--same-batches", action="store_true",
                         help="HF trains on our batches (masks, order) instead of its collator's: for loss comparisons")
+    parser.add_argument("--text", default=None, help="a text file to train on (default: WikiText-2 valid when here, else pydocs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile ours over the timed steps (torch.profiler): slower, so not for speed figures")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -199,16 +255,12 @@ def main() -> None:
     runners = args.runners.split(",")
     results: dict[str, list[dict]] = {r: [] for r in runners}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("out", "worker", "same_batches")] + ["--same-batches"] * args.same_batches
+                   if k not in ("out", "worker", "same_batches", "profile") and v is not None]
+    passthrough += ["--same-batches"] * args.same_batches + ["--profile"] * args.profile
     for round_ in range(args.rounds):
         for runner in runners:
             print(f"round {round_ + 1}/{args.rounds}: {runner} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", runner],
-                                  capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"error: the {runner} run failed:\n{proc.stderr[-3000:]}")
-            results[runner].append(json.loads(line[len("RESULT "):]))
+            results[runner].append(run_worker([sys.executable, __file__, *passthrough, "--worker", runner], runner))
 
     best = {r: max(rs, key=lambda x: x["tokens_per_sec"]) for r, rs in results.items()}
     config = BertConfig(**next(iter(best.values()))["config"])
@@ -219,7 +271,7 @@ def main() -> None:
     print(f"\n{args.size} architecture ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"vocab {config.vocab_size}), seq {args.seq}, batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup}, best of {args.rounds} rounds, on {args.device}; "
-          f"data: {'wikitext-2 valid' if WIKITEXT.exists() else 'pydocs'}; the same initial weights, "
+          f"data: {args.text or ('wikitext-2 valid' if WIKITEXT.exists() else 'pydocs')}; the same initial weights, "
           f"{'the same batches' if args.same_batches else 'HF masks with its own collator'}")
     print(f"model FLOPs per token (fwd+bwd, MLM head on 15% of tokens): {fpt / 1e6:.1f} M; tokens/s of each round: "
           + "; ".join(f"{r} " + ", ".join(f"{x['tokens_per_sec']:,.0f}" for x in rs) for r, rs in results.items()))
@@ -235,6 +287,13 @@ def main() -> None:
               f"{r['val_loss']:8.3f} | {achieved / 1e12:8.3f} | {peak} | {mfu} |")
     print("(TFLOP/s: useful model FLOPs per second; peak: a 2048^3 matrix product in the run's precision, "
           "measured in the same process right after the run; MFU = TFLOP/s / peak)")
+    for runner, r in best.items():
+        if "profile" in r:
+            p = r["profile"]
+            busy = f", device busy {p['device_busy']:.0%} of the wall time" if p["device_busy"] is not None else ""
+            print(f"\nprofile of {runner} (slowed by the profiler): {p['ms_per_step']:.1f} ms per step{busy}; "
+                  "host waits per step: " + (", ".join(f"{k} {v:g}" for k, v in p["syncs_per_step"].items()) or "none"))
+            print("time per step by op (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in p["top"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "flops_per_token": fpt}, indent=2))
 

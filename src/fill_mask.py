@@ -1,4 +1,4 @@
-"""`python -m fill_mask RUN_DIR_OR_MODEL "text with [MASK]" [--top-k K]`: try a trained model.
+"""`python -m fill_mask RUN_DIR_OR_MODEL "text with [MASK]" [--top-k K] [--device D]`: try a trained model.
 
 RUN_DIR_OR_MODEL is a run folder (its hf_model/ is used), an exported model folder, a
 .ckpt file or a hub name. With no text, reads one text per line from stdin."""
@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field, PositiveInt
 from transformers import pipeline
 
@@ -21,17 +22,17 @@ class Options(BaseModel):
     top_k: PositiveInt = Field(alias="top-k")
 
 
-def load(source: str):
+def load(source: str, device: str):
     path = Path(source)
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise UserError(f"checkpoint {source} does not exist")
         module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer)
+        return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer, device=device)
     if (path / "hf_model").is_dir():
         path = path / "hf_model"
     try:
-        return pipeline("fill-mask", model=locate(str(path)))
+        return pipeline("fill-mask", model=locate(str(path)), device=device)
     except OSError as err:
         raise UserError(f"could not load a model from '{source}': give a run folder, a model folder, "
                         "a .ckpt or a hub name") from err
@@ -42,11 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="run folder, model folder, .ckpt or hub name")
     parser.add_argument("text", nargs="*", help="texts with [MASK]; none: read lines from stdin")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU when one is visible")
     args = parser.parse_args(argv)
     try:
         check_values("--", Options, {"top-k": args.top_k})
         texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
-        fill = load(args.model)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda but no GPU is visible: use --device cpu")
+        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        fill = load(args.model, device)
         mask = fill.tokenizer.mask_token
         for text in texts:
             if mask not in text:

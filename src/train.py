@@ -8,18 +8,20 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
+from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
 from bert_mlm.checks import building, check_config
 from bert_mlm.interrupt import ctrl_c_as_sigterm
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
+from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
 from bert_mlm.throughput import Throughput
 from bert_mlm.vocab import train_wordpiece
 
@@ -46,8 +48,9 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     What a library raises while building a group becomes a UserError naming that group."""
     check_config(cfg)
     launch.check_devices(cfg.trainer.accelerator, cfg.trainer.get("devices"))
-    if cfg.data.streaming and cfg.trainer.max_steps <= 0:
-        raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps")
+    if cfg.data.streaming and cfg.trainer.max_steps <= 0 and cfg.trainer.max_time is None:
+        raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps "
+                        "(or a time budget, trainer.max_time)")
     _check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     with building("tokenizer", cfg.tokenizer):
@@ -92,13 +95,25 @@ def _datamodule(cfg: DictConfig, tokenizer) -> MLMDataModule:
         return instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, _convert_="all")
 
 
-def _val_interval(trainer: DictConfig) -> int | float | str:
+def _val_interval(trainer: DictConfig) -> int | float | str | dict:
     """trainer.val_check_interval=null: every 1,000 steps, or halfway through a shorter run
-    (the default 40 steps: at 20 and 40). Lightning counts batches, hence the accumulation."""
+    (the default 40 steps: at 20 and 40). Lightning counts batches, hence the accumulation.
+    A time budget without a step limit (trainer.max_time, max_steps=-1) has no step count to
+    halve: it validates by time, halfway through the budget or every hour in longer ones, and
+    at its end (Lightning validates a run that stops early)."""
     if trainer.val_check_interval is not None:
         return trainer.val_check_interval
+    if trainer.max_steps < 0 and trainer.max_time is not None:
+        return {"seconds": min(_seconds(trainer.max_time) / 2, 3600)}
     steps = min(1000, trainer.max_steps // 2) if trainer.max_steps >= 2 else 1000
     return steps * trainer.accumulate_grad_batches
+
+
+def _seconds(max_time: str | DictConfig) -> float:
+    """trainer.max_time ("DD:HH:MM:SS" or timedelta's arguments) in seconds, read by
+    Lightning's Timer as the Trainer will read it."""
+    duration = OmegaConf.to_container(max_time) if isinstance(max_time, DictConfig) else max_time
+    return Timer(duration=duration).time_remaining()
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -126,6 +141,9 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
                         "can use: add model=tiny (or model.pretrained=null)")
     path = Path(cfg.output_dir) / "tokenizer"
     if not (path / "tokenizer.json").exists():
+        if launch.launched_world_size() > 1:  # every process would train it and write it at once
+            raise UserError("under torchrun or srun, train the tokenizer first in one process: the same command "
+                            "without torchrun or srun, with prepare_only=true and the same hydra.run.dir")
         # The data module reads the text; its own tokenizer (the configured one) is not used.
         data = _datamodule(cfg, load_tokenizer(cfg.model.tokenizer))
         texts = (line for lines in data.train_texts() for line in lines if line)
@@ -133,11 +151,11 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
     return str(path)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
     ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
-    module, datamodule, trainer = build(cfg)
+    module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
         resume.check_fits(ckpt_path, module)
 
@@ -190,11 +208,16 @@ def _stopped(cfg: DictConfig, by: str) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with ctrl_c_as_sigterm() as ctrl_c:
+    with ctrl_c_as_sigterm() as ctrl_c, stop_on_slurm_warning() as slurm_warning:
         try:
             if cfg.prepare_only:
                 return prepare(cfg)
-            return train(cfg)["after"]["val/loss"]  # what a sweeper minimises
+            metrics = train(cfg, [slurm_warning] if slurm_warning else [])
+            return metrics["after"]["val/loss"]  # what a sweeper minimises
+        except Requeue as requeue:  # last.ckpt is saved: now the job can end
+            _stopped(cfg, f"SLURM's warning ({SIGNAL.name})")
+            requeue.requeue()
+            sys.exit(128 + SIGNAL)
         except (SIGTERMException, KeyboardInterrupt):
             _stopped(cfg, "Ctrl-C" if ctrl_c.pressed else "SIGTERM")
             sys.exit(130 if ctrl_c.pressed else 143)  # 128 + the signal, as a shell reports it

@@ -22,7 +22,8 @@ def test_each_option_composes(group, option):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"{group}={option}", "output_dir=/tmp/x"], return_hydra_config=True)
     if group == "hydra/launcher":
-        assert cfg.hydra.launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher")
+        assert cfg.hydra.launcher._target_.startswith(("hydra_plugins.hydra_submitit_launcher",
+                                                       "hydra_plugins.hydra_joblib_launcher"))
     OmegaConf.resolve(cfg.trainer)  # interpolations resolve
     assert cfg.trainer._target_ == "lightning.Trainer"
     assert cfg.model._target_ == "bert_mlm.MLMModule"

@@ -2,13 +2,18 @@
 
 import json
 import os
+from types import SimpleNamespace
 
+import lightning as L
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
 from bert_mlm import MLMDataModule
+from bert_mlm.data import _pack
 from bert_mlm.pretrained import load_tokenizer
+from bert_mlm.workers import auto_num_workers, available_cores
 from conftest import WIKITEXT
 
 LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(400)]
@@ -129,3 +134,46 @@ def test_validation_is_a_fixed_sample_of_at_most_val_max_blocks(tokenizer, tmp_p
     again = datamodule(tokenizer, tmp_path, max_length=32, val_max_blocks=50).val_set
     assert len(full) > 50 and len(sample) == 50
     assert sample["input_ids"] == again["input_ids"] and all(x in full["input_ids"] for x in sample["input_ids"])
+
+
+@pytest.mark.parametrize("gpu, cores, processes, workers", [
+    (False, 64, 1, 0),  # training on the CPU: its threads have every core
+    (True, 6, 1, 5),  # one core for the training process
+    (True, 64, 1, 8),  # at most MAX_WORKERS
+    (True, 16, 8, 1),  # 8 GPUs on 16 cores: 2 cores per training process
+    (True, 2, 4, 1),  # at least one
+])
+def test_auto_num_workers(gpu, cores, processes, workers):
+    assert auto_num_workers(gpu, cores, processes) == workers
+
+
+def test_null_num_workers_follows_the_trainer(tokenizer):
+    data = MLMDataModule(tokenizer, num_workers=None)
+    data.trainer = L.Trainer(accelerator="cpu", logger=False)
+    assert data._workers() == 0  # training on the CPU
+    data.trainer = SimpleNamespace(accelerator="a GPU", num_devices=2)  # two GPUs on this machine
+    assert data._workers() == auto_num_workers(True, available_cores(), 2) >= 1
+    assert MLMDataModule(tokenizer, num_workers=3)._workers() == 3
+
+
+def test_packing_cuts_the_stream_of_examples_each_with_its_sep():
+    examples = pa.table({"input_ids": pa.array([[1, 2, 3], [], [4]], pa.list_(pa.uint16()))})
+    blocks = _pack(examples, cls_id=101, sep_id=102, max_length=5).column("input_ids").to_pylist()
+    # The stream 1 2 3 [SEP] [SEP] 4 [SEP] in chunks of 3; the last [SEP] is a tail shorter than a block.
+    assert blocks == [[101, 1, 2, 3, 102], [101, 102, 102, 4, 102]]
+    assert _pack(examples.slice(2), 101, 102, max_length=5).num_rows == 0  # shorter than one block
+
+
+def test_each_1000_lines_are_one_stream_whatever_the_map_batch(tokenizer, tmp_path):
+    # Blocks as earlier versions cut them (datasets.map's 1000-row batches), though the map
+    # now reads 100 times as many rows a batch.
+    lines = [f"{i} " + "word " * (i % 7) for i in range(2500)]
+    train = write(tmp_path / "train.txt", lines)
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_files=[train], max_length=16)
+    expected = []
+    for start in range(0, len(lines), 1000):
+        stream = [t for ids in tokenizer(lines[start : start + 1000], add_special_tokens=False)["input_ids"]
+                  for t in [*ids, tokenizer.sep_token_id]]
+        expected += [[tokenizer.cls_token_id, *stream[i : i + 14], tokenizer.sep_token_id]
+                     for i in range(0, len(stream) - 13, 14)]
+    assert dm.train_set["input_ids"] == expected

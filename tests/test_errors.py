@@ -94,7 +94,7 @@ def test_resuming_another_model_size(tmp_path):
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     assert run_train(run_dir, *SMOKE, cache).returncode == 0
     last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
-    proc = run_train(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
+    proc = run_train_here(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
     assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
 
@@ -109,6 +109,6 @@ def test_fill_mask_refuses_top_k_of_0(capsys):
 
 
 def test_unknown_option_is_named(tmp_path):
-    proc = run_train(tmp_path / "run", *SMOKE, "data.no_such_key=1")
+    proc = run_train_here(tmp_path / "run", *SMOKE, "data.no_such_key=1")
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -79,7 +79,7 @@ def test_batch_without_masked_tokens():
     batch = make_batch(module)
     batch["labels"] = torch.full_like(batch["labels"], IGNORE)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     assert trainer.callback_metrics["train/loss"].item() == 0
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -168,6 +168,76 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
     assert norm.item() == pytest.approx(0.01, rel=1e-3)
 
 
+def test_an_update_with_nan_gradients_is_skipped_then_reported():
+    from bert_mlm.errors import UserError
+
+    class NanGradients(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, log_every_n_steps=2, accelerator="cpu", callbacks=[NanGradients()],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    # Step 0's update is skipped on the device; at step 1, a logging step, the run stops.
+    with pytest.raises(UserError, match="NaN or infinite at step 0"):
+        trainer.fit(module, DataLoader([make_batch(module, seed=s) for s in range(2)], batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"]
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names, self.paused = set(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_between_logging_steps_never_wait_for_the_device(tmp_path):
+    """On a GPU these ops make the host wait: reading a value, or making an output whose
+    size depends on values. A training step (forward, backward, clipping, optimizer) has
+    none of them, so the host can queue work ahead; only logging steps read values."""
+    from bert_mlm import MLMDataModule
+
+    from bert_mlm.progress import StepProgressBar
+    from bert_mlm.throughput import Throughput
+
+    class Record(L.Callback):
+        """From step 1's transfer to step 3's: two whole steps and what Lightning does between."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                self.mode = RecordOps().__enter__()
+            elif batch_idx == 3:
+                self.mode.__exit__(None, None, None)
+
+    module, record = tiny_module(), Record()
+    data = MLMDataModule(module.tokenizer, max_length=64, batch_size=8, cache_dir=str(tmp_path))
+    on_host = data.on_before_batch_transfer  # before the batch goes to the device: not recorded
+
+    def before_transfer(batch, dataloader_idx):
+        mode = getattr(record, "mode", None) or RecordOps()
+        mode.paused = True
+        batch = on_host(batch, dataloader_idx)
+        mode.paused = False
+        return batch
+
+    data.on_before_batch_transfer = before_transfer
+    trainer = L.Trainer(max_steps=4, log_every_n_steps=50, gradient_clip_val=1.0, accelerator="cpu",
+                        callbacks=[StepProgressBar(), Throughput(warmup_batches=1), record],
+                        logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, data)
+    assert {"addmm", "_fused_adamw_"} <= record.mode.names  # it did record the steps
+    assert not {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select"} & record.mode.names
+
+
 class RecordShapes(TorchDispatchMode):
     """Records (shape, dtype) of every tensor that an op returns, backward ops included."""
 
@@ -212,3 +282,39 @@ def test_a_pretrained_model_without_mlm_head_loads_with_one_line(caplog, capfd):
     assert "LOAD REPORT" not in printed and "corrupted" not in printed
     # The encoder is the pretrained one; the head is new and tied to the word embeddings.
     assert module.model.cls.predictions.decoder.weight is module.model.bert.embeddings.word_embeddings.weight
+
+
+def test_tf32_for_fp32_matrix_products_on_gpus_only():
+    from types import SimpleNamespace
+
+    module, before = tiny_module(), torch.get_float32_matmul_precision()
+    try:
+        for device, expected in (("cpu", before), ("cuda", "high")):
+            module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+            module.setup("fit")
+            assert torch.get_float32_matmul_precision() == expected, device
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_compiled_model_computes_what_the_eager_one_does(monkeypatch):
+    """model.compile=true with the masked-only head: the compiled encoder's loss and gradients
+    are the eager model's, also when the number of masked positions changes between batches.
+    Through TorchDynamo and AOTAutograd, without generating C++ (a minute on 2 cores); the
+    GPU tests compile with the default backend (test_gpu_trainers[mixed])."""
+    from functools import partialmethod
+
+    monkeypatch.setattr(torch.nn.Module, "compile", partialmethod(torch.nn.Module.compile, backend="aot_eager"))
+    eager, compiled = tiny_module(), tiny_module(compile=True)
+    for seed in (0, 1):  # the same (B, T), a different number of masked positions
+        batch = make_batch(eager, seed)
+        results = []
+        for module in (eager, compiled):
+            module.zero_grad()
+            loss = summed_cross_entropy(*module.masked_logits(batch))
+            loss.backward()
+            results.append((loss, module.model.bert.encoder.layer[0].attention.self.query.weight.grad))
+        (loss_e, grad_e), (loss_c, grad_c) = results
+        assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
+        torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-6)
+    assert make_batch(eager, 0)["labels"].ne(IGNORE).sum() != make_batch(eager, 1)["labels"].ne(IGNORE).sum()

@@ -1,6 +1,8 @@
 """Training order and masks as functions of (seed, epoch, example): what exact resume rests on."""
 
+import pytest
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
 
 from bert_mlm.masking import MaskingCollator
@@ -44,3 +46,20 @@ def test_the_seed_decides():
     assert masks_by_example(0, 8, 0, seed=1)[0].tolist() == masks_by_example(0, 8, 0, seed=1)[0].tolist()
     assert not all(torch.equal(masks_by_example(0, 8, 0, seed=1)[i], masks_by_example(0, 8, 0, seed=2)[i])
                    for i in range(64))
+
+
+@pytest.mark.parametrize("size, world_size", [(64, 1), (10, 4), (3, 8)])
+def test_ddp_ranks_get_what_lightnings_sampler_wrapper_would_give_them(size, world_size, monkeypatch):
+    # Lightning wraps a sampler that is not a DistributedSampler in this wrapper, which lists
+    # every example of the epoch; ours shards itself, and must hand each rank the same order.
+    monkeypatch.setattr(EpochShuffle, "CHUNK", 5)  # chunk edges inside the epoch
+    for epoch in (0, 3):
+        shards = []
+        for rank in range(world_size):
+            wrapped = DistributedSamplerWrapper(EpochShuffle(size, 42), num_replicas=world_size, rank=rank, shuffle=False)
+            ours = EpochShuffle(size, 42, rank=rank, world_size=world_size)
+            wrapped.set_epoch(epoch), ours.set_epoch(epoch)
+            shards.append(list(ours))
+            assert shards[-1] == list(wrapped) and len(ours) == len(wrapped)
+        assert {i for shard in shards for _, i in shard} == set(range(size))  # every example, some twice
+

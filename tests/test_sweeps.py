@@ -1,10 +1,21 @@
-"""Hydra multirun: one run folder per job, a summary at the end, Optuna, and DDP refused."""
+"""Hydra multirun: one run folder per job, jobs side by side, a summary at the end, Optuna, and
+DDP refused."""
 
 import csv
 import json
+import os
+import re
 import sys
+from datetime import datetime
 
-from conftest import SMOKE, last_error, run
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from bert_mlm.errors import UserError
+from bert_mlm.parallel import SideBySide, claim_slot, device_for
+from bert_mlm.workers import available_cores
+from conftest import CONF, SMOKE, last_error, run, run_train_here
 
 
 def sweep(tmp_path, *overrides):
@@ -12,13 +23,28 @@ def sweep(tmp_path, *overrides):
                 f"data.cache_dir={tmp_path / 'cache'}", *overrides], cwd=tmp_path)
 
 
-def test_two_job_sweep_with_summary(tmp_path):
-    proc = sweep(tmp_path, "logger=tensorboard", "model.lr=1e-3,3e-3")
+def log_span(log: str) -> tuple[datetime, ...]:
+    """The first and last time in a train.log: the job's start and its last checkpoint."""
+    stamps = re.findall(r"^\[([\d-]+ [\d:,]+)\]", log, re.M)
+    return tuple(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in (stamps[0], stamps[-1]))
+
+
+def test_two_jobs_at_once_with_summary(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "logger=tensorboard",
+                 "model.lr=1e-3,3e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir = tmp_path / "sweep"
+    threads = max(1, available_cores() // 2)  # the cores shared between the two jobs
+    pids, spans = set(), []
     for job in ("0", "1"):
-        assert list((sweep_dir / job / "tensorboard").glob("events.out.tfevents.*"))
+        events = list((sweep_dir / job / "tensorboard").glob("events.out.tfevents.*"))
+        assert any(b"hparams" in f.read_bytes() for f in events)  # TensorBoard's HPARAMS compares the jobs
         assert (sweep_dir / job / "hf_model" / "model.safetensors").exists()
+        log = (sweep_dir / job / "train.log").read_text()
+        pids |= set(re.findall(rf"job {job}: torch threads {threads}, 2 jobs at once on \d+ cores \(pid (\d+)\)", log))
+        spans.append(log_span(log))
+    assert len(pids) == 2  # each job in a process of its own, ...
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # ... both running at once
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["done", "done"]
     assert {r["overrides"].split()[-1] for r in rows} == {"model.lr=0.001", "model.lr=0.003"}
@@ -40,3 +66,39 @@ def test_optuna_sweep(tmp_path):
 def test_ddp_in_a_sweep_is_refused(tmp_path):
     proc = sweep(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2")
     assert last_error(proc).startswith("error: trainer=ddp cannot run inside a sweep")
+
+
+def test_each_worker_claims_a_gpu_of_its_own(tmp_path, monkeypatch):
+    """The GPU pick of hydra/launcher=parallel, on the CPU: the launcher's two worker processes
+    are played by two claims, GPUs by CUDA_VISIBLE_DEVICES (not run on GPUs)."""
+    first, second = claim_slot(tmp_path, 2), claim_slot(tmp_path, 2)
+    assert (first[0], second[0]) == (0, 1)
+    with pytest.raises(UserError):
+        claim_slot(tmp_path, 2)
+    first[1].close()  # that worker ended: its GPU is free again
+    assert claim_slot(tmp_path, 2)[0] == 0
+    assert device_for(1, "GPU-a, GPU-b") == "GPU-b" and device_for(1, None) == "1"
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        config = compose("train", overrides=["trainer=gpu", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                                             "hydra.job.num=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         return_hydra_config=True)
+    held = []  # the locks of the workers still running
+
+    def job_in_a_new_worker() -> str:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")  # what each worker inherits
+        monkeypatch.setattr(SideBySide, "_slot", None)  # a new process: no GPU yet
+        SideBySide().on_job_start(config)
+        held.append(SideBySide._slot)
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    assert (job_in_a_new_worker(), job_in_a_new_worker()) == ("4", "7")
+    SideBySide().on_job_start(config)  # the second worker's next job: the GPU it has
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+
+
+def test_more_jobs_at_once_than_gpus_is_refused(tmp_path):
+    n = max(2, torch.cuda.device_count() + 1)
+    proc = run_train_here(tmp_path / "unused", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMOKE, "trainer=gpu",
+                          "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n}", "seed=1,2")
+    assert last_error(proc).startswith(f"error: hydra.launcher.n_jobs={n} runs {n} jobs at once, one GPU each, but")

@@ -94,9 +94,21 @@ def test_fill_mask_command(smoke_run, capsys):
     with pytest.raises(SystemExit) as exit:
         command.main([str(run_dir / "nowhere"), "a [MASK]"])
     assert exit.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit:
+            command.main([str(run_dir), "a [MASK]", "--device", "cuda"])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --device cuda but no GPU is visible: use --device cpu"
     # ... and as a user runs it, reading stdin.
     proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
+
+
+@pytest.mark.gpu
+def test_fill_mask_on_the_gpu(smoke_run):
+    run_dir, _ = smoke_run
+    proc = fill_mask(str(run_dir), "--device", "cuda", "The [MASK] statement defines a function.")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[1].startswith("  [MASK] 1: ")
 
 
 def test_lightning_debugging_flags(tmp_path):

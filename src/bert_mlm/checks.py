@@ -30,12 +30,13 @@ CountOrShare = NonNegativeInt | Probability
 
 
 def _duration(text: str) -> str:
-    if not re.fullmatch(r"\d+:\d+:\d+:\d+", text.strip()):
+    if not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", text.strip()):  # as Lightning's Timer reads it
         raise ValueError("a duration is written DD:HH:MM:SS, e.g. 00:12:00:00")
     return text
 
 
-Duration = Annotated[str, AfterValidator(_duration)] | dict[str, int]  # dict: timedelta's arguments
+TimedeltaKey = Literal["weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds"]
+Duration = Annotated[str, AfterValidator(_duration)] | dict[TimedeltaKey, NonNegativeFloat]  # dict: timedelta's arguments
 
 # Ranges that the Lightning classes we configure leave out of their annotations (they check
 # some of them later, with a traceback, others never). Each replaces that argument's annotation.

@@ -10,6 +10,12 @@ Corpus = datasets.DatasetDict | datasets.IterableDatasetDict
 
 # `datasets` builder for each file type data=text accepts.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Rows per Arrow record batch of the cached text, and of a split's row indices (8 bytes a row):
+# every process that opens a cached file reads each record batch's header, and the kernel maps
+# in the pages around it, so with `datasets`' 1000 rows a batch a quarter of the text, and all
+# of the indices, stayed in its RSS (data.py says more). The text builder also cuts its batches
+# at 10 MB chunks of text.
+TEXT_BATCH, INDEX_BATCH = 100_000, 1_000_000
 
 
 def _pydocs_paragraphs(split: str):
@@ -65,7 +71,8 @@ def text_files(
         data_files["validation"] = list(val_files)
     builder = _builder([f for files in data_files.values() for f in files])
     try:
-        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming,
+                                     writer_batch_size=TEXT_BATCH)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
@@ -81,7 +88,8 @@ def text_files(
 def hub(name: str, config: str | None, cache_dir: str | None, streaming: bool = False) -> Corpus:
     """A dataset from the Hugging Face hub, e.g. wikitext / wikitext-103-raw-v1."""
     try:
-        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
+        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming,
+                                     writer_batch_size=TEXT_BATCH)
     except Exception as err:  # offline, unknown name or config: all end the same way
         raise UserError(
             f"could not load dataset '{name}' ({config}) from the hub: {type(err).__name__}; "
@@ -129,7 +137,7 @@ def with_validation(
         train, validation = train.skip(val_rows), train.take(val_rows)
     else:
         try:
-            split = train.train_test_split(test_size=val_percent / 100, seed=seed)
+            split = train.train_test_split(test_size=val_percent / 100, seed=seed, writer_batch_size=INDEX_BATCH)
         except ValueError as err:  # too few rows to leave some on both sides
             raise UserError(f"the training data has {len(train)} rows, too few to hold out "
                             f"data.val_percent={val_percent}% for validation: add text or set data.val_files") from err

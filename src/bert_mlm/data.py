@@ -7,8 +7,12 @@ from collections.abc import Iterable
 from typing import Annotated, Literal
 
 import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets.distributed import split_dataset_by_node
+from lightning.pytorch.accelerators import CPUAccelerator
 from pydantic import AfterValidator, Field, FilePath, NonNegativeInt, PositiveInt, ValidationInfo
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -17,8 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from bert_mlm import corpus
 from bert_mlm.checks import Probability
 from bert_mlm.errors import UserError
-from bert_mlm.masking import MaskingCollator
+from bert_mlm.masking import MaskingCollator, masked_positions
 from bert_mlm.order import EpochShuffle, WithMaskSeeds
+from bert_mlm.workers import auto_num_workers, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +36,63 @@ def _fits_with_mask_prob(random_prob: float, info: ValidationInfo) -> float:
     return random_prob
 
 
-def _tokenize(batch, tokenizer, packing: bool, max_length: int):
-    texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
-    # A batch with no text at all (blank lines): the tokenizer fails on an empty list.
-    ids = tokenizer(texts, add_special_tokens=not packing, verbose=False)["input_ids"] if texts else []
-    if packing:  # special tokens are added per block, when packing
-        return {"input_ids": ids}
-    # One example per line: longer lines keep their first max_length - 1 tokens and [SEP].
-    truncated = [len(x) > max_length for x in ids]
-    ids = [[*x[: max_length - 1], x[-1]] if cut else x for x, cut in zip(ids, truncated)]
-    return {"input_ids": ids, "truncated": truncated}
+# Rows per tokenizer call, and per stream that packing cuts (its tail shorter than a block is
+# dropped): datasets.map's default batch, so the blocks are those that earlier versions made.
+ROWS_PER_STREAM = 1000
+# Rows per map batch, and so per Arrow record batch in the cache (tokens: about 1 MB, blocks:
+# about 10 MB). Opening a cached file reads the header of every record batch, and the kernel
+# maps in the pages around each one it faults in (64 kB, or a whole large folio): with
+# 1000-row batches a quarter of every cached file stayed in the RSS of each process that
+# opened it, which grew with the corpus.
+TOKENIZE_BATCH, PACK_BATCH = 10 * ROWS_PER_STREAM, 100 * ROWS_PER_STREAM
 
 
-def _pack(batch, cls_id: int, sep_id: int, max_length: int):
-    """Concatenates examples, [SEP] after each, and cuts [CLS] + chunk + [SEP] blocks.
-    The tail shorter than a block in each map batch (1000 examples) is dropped."""
-    stream = []
-    for ids in batch["input_ids"]:
-        stream.extend(ids)
-        stream.append(sep_id)
+def _id_type(vocab_size: int) -> pa.DataType:
+    """Token ids as uint16 where the vocabulary fits (BERT's 30522 does): half the cache and
+    page cache of int32. The collator widens them to int64 as it pads."""
+    return pa.uint16() if vocab_size <= 2**16 else pa.int32()
+
+
+def _tokenize(batch, tokenizer, packing: bool, max_length: int, id_type: pa.DataType) -> pa.Table:
+    """Token ids of the non-blank lines (with [CLS] and [SEP] unless packing): Arrow in and
+    out, so that the table goes to the cache (or down the stream) as it is."""
+    texts = [t for t in batch.column("text").to_pylist() if isinstance(t, str) and t.strip()]
+    arrays, truncated = [], []
+    # ROWS_PER_STREAM lines at a time: the tokenizer's Encodings hold offsets, strings and
+    # masks for every token, many times the ids.
+    for start in range(0, len(texts), ROWS_PER_STREAM):
+        # Only the ids: the attention masks and token types would be thrown away.
+        ids = tokenizer(texts[start : start + ROWS_PER_STREAM], add_special_tokens=not packing,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+        if not packing:  # one example per line: longer lines keep their first max_length - 1 tokens and [SEP]
+            cut = [len(x) > max_length for x in ids]
+            ids = [[*x[: max_length - 1], x[-1]] if c else x for x, c in zip(ids, cut)]
+            truncated += cut
+        arrays.append(pa.array(ids, pa.list_(id_type)))
+    columns = {"input_ids": pa.chunked_array(arrays, pa.list_(id_type))}
+    if not packing:
+        columns["truncated"] = pa.array(truncated, pa.bool_())
+    return pa.table(columns)
+
+
+def _pack(batch: pa.Table, cls_id: int, sep_id: int, max_length: int) -> pa.Table:
+    """Each ROWS_PER_STREAM examples, [SEP] after each, are concatenated and cut into
+    [CLS] + chunk + [SEP] blocks; the tail shorter than a block is dropped."""
+    starts = range(0, max(batch.num_rows, 1), ROWS_PER_STREAM)
+    return pa.concat_tables([_pack_stream(batch.slice(s, ROWS_PER_STREAM), cls_id, sep_id, max_length) for s in starts])
+
+
+def _pack_stream(rows: pa.Table, cls_id: int, sep_id: int, max_length: int) -> pa.Table:
+    # In numpy on the Arrow columns: no Python object per token.
+    ids = rows.column("input_ids").combine_chunks()
+    values = ids.flatten().to_numpy()
+    stream = np.insert(values, np.cumsum(pc.list_value_length(ids).to_numpy()), sep_id)
     n = max_length - 2
-    return {
-        "input_ids": [[cls_id, *stream[i : i + n], sep_id] for i in range(0, len(stream) - n + 1, n)]
-    }
+    chunks = stream[: len(stream) // n * n].reshape(-1, n)  # (blocks, n)
+    blocks = np.empty((len(chunks), max_length), values.dtype)
+    blocks[:, 0], blocks[:, 1:-1], blocks[:, -1] = cls_id, chunks, sep_id
+    offsets = pa.array(np.arange(0, blocks.size + 1, max_length, dtype=np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.ravel()))})
 
 
 class MLMDataModule(L.LightningDataModule):
@@ -70,7 +109,7 @@ class MLMDataModule(L.LightningDataModule):
         max_length: Annotated[int, Field(ge=8)] = 128,
         packing: bool = True,
         batch_size: PositiveInt = 32,
-        num_workers: NonNegativeInt = 0,
+        num_workers: NonNegativeInt | None = None,
         num_proc: PositiveInt | None = None,
         val_max_blocks: PositiveInt | None = 2000,
         streaming: bool = False,
@@ -130,20 +169,25 @@ class MLMDataModule(L.LightningDataModule):
     def _tokenized(self, raw: corpus.Corpus) -> corpus.Corpus:
         """Token blocks. On a Dataset `datasets` caches each map by fingerprint, so later
         runs read the cache; on a stream the maps run lazily, as examples are drawn."""
-        def progress(desc: str) -> dict:  # a progress bar; a stream's map takes no `desc`
-            return {} if self.streaming else {"desc": desc}
+        def batches(desc: str, rows: int) -> dict:
+            # A stream's map takes no progress bar nor cache writer, and its first blocks
+            # should not wait for many rows.
+            if self.streaming:
+                return {"batch_size": ROWS_PER_STREAM}
+            return {"desc": desc, "batch_size": rows, "writer_batch_size": rows}
 
-        tokens = raw.map(
+        tokens = raw.with_format("arrow").map(
             _tokenize,
             batched=True,
             remove_columns=["text"],
-            fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length),
+            fn_kwargs=dict(tokenizer=self.tokenizer, packing=self.packing, max_length=self.max_length,
+                           id_type=_id_type(len(self.tokenizer))),
             # In parallel: each row's tokens do not depend on how the rows were shared out.
-            **progress("Tokenizing"),
+            **batches("Tokenizing", TOKENIZE_BATCH),
             **({} if self.streaming else {"num_proc": self.num_proc}),
         )
-        # Packing runs in one process, in batches of 1000 rows: its blocks (each batch's tail
-        # is dropped) must not depend on the number of processes.
+        # Packing runs in one process: its streams of ROWS_PER_STREAM rows (each one's tail is
+        # dropped) must not depend on the number of processes.
         if self.packing:
             tokens = tokens.map(
                 _pack,
@@ -153,9 +197,9 @@ class MLMDataModule(L.LightningDataModule):
                     sep_id=self.tokenizer.sep_token_id,
                     max_length=self.max_length,
                 ),
-                **progress(f"Packing into blocks of {self.max_length}"),
+                **batches(f"Packing into blocks of {self.max_length}", PACK_BATCH),
             )
-        return tokens
+        return tokens.with_format(None)  # rows as Python lists, for the collator
 
     def prepare_data(self):
         # Lightning calls this on one process per node before the others run setup().
@@ -199,7 +243,8 @@ class MLMDataModule(L.LightningDataModule):
                 f"(data.batch_size={self.batch_size}): add text or lower data.batch_size"
             )
         if not self.packing:
-            cut = sum(tokens["train"]["truncated"])
+            # Summed in Arrow over the memory-mapped column: no Python bool per line.
+            cut = pc.sum(tokens["train"].with_format("arrow")["truncated"]).as_py() or 0
             if cut:
                 log.warning(
                     f"{cut} of {len(tokens['train'])} training lines are longer than "
@@ -227,7 +272,17 @@ class MLMDataModule(L.LightningDataModule):
         return (f"the {split} text is shorter than one block of data.max_length={self.max_length} "
                 "tokens: add text or lower data.max_length")
 
+    def _workers(self) -> int:
+        """data.num_workers, or for null what suits the run (workers.auto_num_workers)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if self.trainer is None:  # a loader on its own (benchmarks): as a run on this machine would
+            return auto_num_workers(torch.cuda.is_available(), available_cores(), 1)
+        gpu = not isinstance(self.trainer.accelerator, CPUAccelerator)
+        return auto_num_workers(gpu, available_cores(), self.trainer.num_devices)
+
     def _loader(self, dataset, collator, train: bool, sampler=None) -> DataLoader:
+        workers = self._workers()
         # StatefulDataLoader: Lightning saves its position in checkpoints, so a run resumed
         # mid-epoch goes on from the next batch instead of starting the epoch again.
         return StatefulDataLoader(
@@ -239,19 +294,29 @@ class MLMDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             drop_last=train,  # full training batches only: steady shapes and step sizes
             collate_fn=collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Found here on the host, where the batch still is: found on a GPU (boolean indexing,
+        # transformers' check for an all-ones mask) they would make the host wait for it every step.
+        batch["masked_positions"] = masked_positions(batch["labels"])
+        batch["has_padding"] = not batch["attention_mask"].all().item()
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:  # shuffled through a buffer as it is read
             return self._loader(self.train_set, self.train_collator, train=True)
+        # Under DDP the sampler takes this rank's share itself (Lightning's own would list
+        # every example of an epoch in memory): the ranks and replicas Lightning would use.
+        shard = (self.trainer and self.trainer.distributed_sampler_kwargs) or {}
         return self._loader(
             WithMaskSeeds(self.train_set, self.seed),
             self.train_collator,
             train=True,
-            sampler=EpochShuffle(len(self.train_set), self.seed),
+            sampler=EpochShuffle(len(self.train_set), self.seed, shard.get("rank", 0), shard.get("num_replicas", 1)),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -10,6 +10,11 @@ from torch.utils.data import get_worker_info
 IGNORE = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
 
 
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (M,) flat indices of the predicted positions."""
+    return (labels.flatten() != IGNORE).nonzero().squeeze(1)
+
+
 class MaskingCollator:
     """Pads a list of examples into a batch and masks it.
 

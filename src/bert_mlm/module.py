@@ -6,12 +6,13 @@ from typing import Annotated, Literal
 import lightning as L
 import torch
 from pydantic import AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo
-from transformers import BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+from transformers import BertConfig, BertForMaskedLM
 
 from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
-from bert_mlm.masking import IGNORE
+from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
+from bert_mlm.schedule import budget_timer, linear_schedule
 
 # Dropout of 1 drops everything; an Adam beta of 1 makes its running average never move.
 BelowOne = Annotated[float, Field(ge=0, lt=1)]
@@ -45,6 +46,7 @@ class MLMModule(L.LightningModule):
         eps: PositiveFloat = 1e-6,
         warmup_steps: NonNegativeInt = 100,
         attention: Literal["auto", "sdpa", "eager"] = "auto",
+        matmul_precision: Literal["highest", "high", "medium"] = "high",
         compile: bool = False,
     ):
         super().__init__()
@@ -81,37 +83,69 @@ class MLMModule(L.LightningModule):
             self.model.bert.compile()
 
     def setup(self, stage: str):
-        if self.hparams.attention == "auto" and self.trainer.strategy.root_device.type == "cpu":
+        device = self.trainer.strategy.root_device.type
+        if self.hparams.attention == "auto" and device == "cpu":
             # PyTorch's fused CPU attention is slow in the backward pass: measured 35% more
             # tokens/s with plain matrix-product attention on our 2-core machine.
             self.model.set_attn_implementation("eager")
+        if device == "cuda":
+            # "high": fp32 matrix products in TF32 on GPUs that have it (Ampere and newer),
+            # several times faster; PyTorch's default is full fp32 ("highest").
+            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
 
     def masked_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, V) logits and (M,) targets at the M masked positions of the batch.
 
         Only the masked rows go through the MLM head, so the (B, T, V) logits tensor
         of HF's forward, ~85% of it wasted on unmasked positions, never exists."""
-        hidden = self.model.bert(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state  # (B, T, H)
-        labels = batch["labels"]
-        masked = labels != IGNORE  # (B, T)
-        return self.model.cls(hidden[masked]), labels[masked]  # (M, H) -> (M, V)
+        # No mask for blocks without padding (packed data): none to build, and SDPA's fastest kernels.
+        mask = batch["attention_mask"] if batch.get("has_padding", True) else None
+        hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state  # (B, T, H)
+        # (M,) flat indices into (B * T); MLMDataModule finds them on the host (no GPU sync).
+        positions = batch.get("masked_positions")
+        if positions is None:
+            positions = masked_positions(batch["labels"])
+        hidden = hidden.flatten(0, 1)[positions]  # (M, H)
+        return self.model.cls(hidden), batch["labels"].flatten()[positions]  # (M, V), (M,)
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every log_every_n_steps):
+        logging only then spares the host a wait for the device on the other steps."""
+        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+
+    def on_train_start(self):
+        self.nonfinite_step = torch.tensor(-1, device=self.device)  # the first with NaN/inf gradients
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, targets = self.masked_logits(batch)
         # A sum over max(M, 1) rather than a mean: a batch with no masked token gives 0, not NaN.
         loss = summed_cross_entropy(logits, targets) / max(targets.numel(), 1)
-        # Stop before a NaN/inf reaches the weights, so checkpoints and hf_model stay good.
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"the training loss is {loss.item()} at step {self.global_step}: stopped before that "
-                "update, so checkpoints/ hold finite weights; lower model.lr or raise "
-                "model.warmup_steps, then resume with ckpt_path=last"
-            )
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        if self.trainer.precision == "16-mixed":  # where overflowing gradients are routine
+            self._note_if_nonfinite(loss)
+        if self._logging_step():
+            self._stop_if_nonfinite()
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
+
+    def _note_if_nonfinite(self, value: torch.Tensor):
+        """Noted on the device, where the host need not wait for it; reported at the next
+        logging step, when the host reads values anyway."""
+        first = (self.nonfinite_step < 0) & ~torch.isfinite(value)
+        self.nonfinite_step = torch.where(first, self.global_step, self.nonfinite_step)
+
+    def _stop_if_nonfinite(self):
+        step = int(self.nonfinite_step)
+        if step >= 0:
+            raise UserError(
+                f"the training loss or its gradients were NaN or infinite at step {step}: that update was "
+                "skipped, so the "
+                "weights and checkpoints/ stay finite; lower model.lr or raise model.warmup_steps, then "
+                "resume with ckpt_path=last"
+            )
+
+    def on_train_end(self):
+        self._stop_if_nonfinite()
 
     def validation_sums(self, batch: dict) -> torch.Tensor:
         """(3,): the batch's summed masked-token loss, correct top-1 predictions and count."""
@@ -148,20 +182,29 @@ class MLMModule(L.LightningModule):
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
 
-    def on_before_optimizer_step(self, optimizer):
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # before clipping
-            norms = torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None])
-            self.log("train/grad_norm", torch.linalg.vector_norm(norms))
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Called before every optimizer step: the gradients' norm, logged, used to skip an
+        update whose gradients are NaN/inf, and to clip."""
+        if self.trainer.precision == "16-mixed":  # loss scaling skips non-finite steps itself
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # before clipping
+        if self._logging_step():
+            self.log("train/grad_norm", norm)
+        # The gradients, summed over ranks, are the same on all of them: all skip and stop together.
+        self._note_if_nonfinite(norm)
+        if optimizer.defaults["fused"]:
+            # Read by the fused step, which then leaves weights and moments as they were (the
+            # mechanism of fp16 loss scaling): no NaN reaches them, and the host does not wait.
+            optimizer.found_inf = (~torch.isfinite(norm)).float()
+        else:
+            self._stop_if_nonfinite()  # at once
         # Lightning refuses to clip for a fused optimizer under any mixed precision, but only
         # fp16 loss scaling needs that: bf16 and fp32 gradients are clipped as they are.
-        if not gradient_clip_val or self.trainer.precision == "16-mixed":
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif gradient_clip_val:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -175,8 +218,11 @@ class MLMModule(L.LightningModule):
         # cannot clip gradients of an optimizer that unscales them itself.
         fused = self.device.type in ("cpu", "cuda") and self.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        # The decay reaches 0 where training ends: at its last step, or at the end of its time budget.
+        timer = budget_timer(self.trainer.callbacks)
         total_steps = self.trainer.estimated_stepping_batches
-        if total_steps == float("inf"):
-            raise UserError("training has no end: set trainer.max_steps or trainer.max_epochs")
-        scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, total_steps)
+        if total_steps == float("inf") and timer is None:
+            raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+        broadcast = self.trainer.strategy.broadcast if self.trainer.world_size > 1 else (lambda x: x)
+        scheduler = linear_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -6,7 +6,7 @@ the batches and masks the uninterrupted run would have seen, with any number of 
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def mask_seed(seed: int, epoch: int, index: int) -> int:
@@ -14,22 +14,29 @@ def mask_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 0x9E3779B97F4A7C15 + index) % 2**63
 
 
-class EpochShuffle(Sampler):
+class EpochShuffle(DistributedSampler):
     """A random permutation of the examples per epoch (Lightning calls `set_epoch`);
-    yields (epoch, index) so the dataset can attach the mask seed."""
+    yields (epoch, index) so the dataset can attach the mask seed.
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    Under DDP, rank r of `world_size` takes positions r, r + world_size, ... of the
+    permutation, padded from its start to a multiple of world_size: what Lightning's
+    DistributedSamplerWrapper would hand each rank. Being a DistributedSampler, it is not
+    wrapped, and the wrapper's list of every example of the epoch (about 100 bytes each:
+    gigabytes on a large corpus) is never built; here an epoch holds its permutation
+    (8 bytes an example) and hands it out a chunk at a time."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    CHUNK = 65536
 
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False, seed=seed)
+        self.size = size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return ((self.epoch, i) for i in order.tolist())
+        step = self.num_replicas
+        for start in range(self.rank, self.total_size, step * self.CHUNK):
+            positions = torch.arange(start, min(start + step * self.CHUNK, self.total_size), step) % self.size
+            yield from ((self.epoch, i) for i in order[positions].tolist())
 
 
 class WithMaskSeeds(Dataset):
@@ -44,3 +51,10 @@ class WithMaskSeeds(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         return {**self.dataset[index], "mask_seed": mask_seed(self.seed, epoch, index)}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """A batch's examples (the DataLoader asks for them together): from a `datasets`
+        Dataset in one look-up rather than one per example."""
+        many = getattr(self.dataset, "__getitems__", None)
+        rows = many([index for _, index in keys]) if many else [self.dataset[index] for _, index in keys]
+        return [{**row, "mask_seed": mask_seed(self.seed, epoch, index)} for row, (epoch, index) in zip(rows, keys)]

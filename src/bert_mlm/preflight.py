@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError
+from bert_mlm.launch import launched_as_global_zero
+from bert_mlm.requeue import requeued_checkpoint
 
 # What a run writes into its folder; `overwrite=true` removes these first.
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
@@ -22,14 +23,16 @@ def holds_run(folder: Path) -> bool:
             or any((folder / "checkpoints").glob("*.ckpt")))
 
 
-def claim(folder: Path, ckpt_path: str | None, overwrite: bool) -> None:
-    """Refuses a folder holding an earlier run unless the run resumes (`ckpt_path`) or
-    replaces it (`overwrite`), and then clears that run's outputs."""
-    if ckpt_path is not None or not holds_run(folder):
+def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuses a folder holding an earlier run unless the run resumes it or replaces it
+    (`overwrite`), and then clears that run's outputs if `clear`."""
+    if resuming or not holds_run(folder):
         return
     if not overwrite:
         raise UserError(f"{folder} already holds a run: resume it with ckpt_path=last, start a new run "
                         "in another folder (hydra.run.dir=...), or replace it with overwrite=true")
+    if not clear:
+        return
     for name in RUN_OUTPUTS:
         path = folder / name
         if path.is_dir():
@@ -38,7 +41,8 @@ def claim(folder: Path, ckpt_path: str | None, overwrite: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _refuse(err: UserError):
+def refuse(err: UserError):
+    """Ends a Hydra callback's check with the one `error:` line."""
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
 
@@ -51,17 +55,20 @@ class Preflight(Callback):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
         try:
             check_config(cfg)
-            # Only one process claims the folder: under torchrun or DDP the others start
-            # later or at once, and must not see this run's own outputs as an earlier run's.
-            if rank_zero_only.rank == 0:
-                claim(folder, config.ckpt_path, config.overwrite)
+            # Every process of a DDP run checks the folder, so that all of them stop on a
+            # refusal (one left waiting for the others would hang until the process group's
+            # time-out); they reach it before any writes a checkpoint. Only the global rank
+            # 0 clears it: by RANK, SLURM_PROCID, or NODE_RANK and LOCAL_RANK, as the launcher
+            # sets them (the first process on each machine has LOCAL_RANK 0).
+            resuming = config.ckpt_path is not None or requeued_checkpoint(folder) is not None
+            claim(folder, resuming, config.overwrite, clear=launched_as_global_zero())
         except UserError as err:
-            _refuse(err)
+            refuse(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         try:  # each job's settings are checked when it builds
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
-                claim(job, config.ckpt_path, config.overwrite)
+                claim(job, config.ckpt_path is not None, config.overwrite)
         except UserError as err:
-            _refuse(err)
+            refuse(err)

@@ -1,21 +1,37 @@
 """The console progress bar: one bar for the whole run, counting optimizer steps up to
-`trainer.max_steps`. Lightning's own bar starts again every epoch, and training by steps
-(max_epochs=-1) its rich variant reads "Epoch 1/-2"."""
+`trainer.max_steps`, or, for a time budget without a step limit (trainer.max_time,
+max_steps=-1), the budget's seconds. Lightning's own bar starts again every epoch, and
+training by steps (max_epochs=-1) its rich variant reads "Epoch 1/-2"."""
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
+
+from bert_mlm.schedule import budget_timer
+
+# Lightning's format without the rate: a budget's seconds pass at one per second.
+BUDGET_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
 
 
 class StepProgressBar(TQDMProgressBar):
-    def on_train_epoch_start(self, trainer, *args):
-        if trainer.max_steps <= 0:  # training by epochs: Lightning's bar, one per epoch
-            return super().on_train_epoch_start(trainer, *args)
-        bar = self.train_progress_bar
-        bar.total = trainer.max_steps
-        bar.set_description(f"Training (epoch {trainer.current_epoch})")
+    def on_train_start(self, trainer, *args):
+        # Here, not at the epoch's start: a run resumed mid-epoch does not start that epoch again.
+        super().on_train_start(trainer, *args)
+        if _by_epochs(trainer):
+            return
+        bar, timer = self.train_progress_bar, _budget(trainer)
+        if timer:
+            bar.total = round(timer.time_elapsed() + timer.time_remaining())
+            bar.bar_format = BUDGET_FORMAT
+        else:
+            bar.total = trainer.max_steps
         self._show(trainer, bar)
 
+    def on_train_epoch_start(self, trainer, *args):
+        if _by_epochs(trainer):  # Lightning's bar, one per epoch
+            return super().on_train_epoch_start(trainer, *args)
+        self._show(trainer, self.train_progress_bar)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.max_steps <= 0:
+        if _by_epochs(trainer):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar = self.train_progress_bar
         if self._should_update(trainer.global_step, bar.total):
@@ -24,6 +40,19 @@ class StepProgressBar(TQDMProgressBar):
 
     @staticmethod
     def _show(trainer, bar):
-        if not bar.disable:
-            bar.n = trainer.global_step  # a resumed run starts where it stopped
-            bar.refresh()
+        if bar.disable:
+            return
+        # A resumed run starts where it stopped: at its step, or its restored elapsed time.
+        timer = _budget(trainer)
+        bar.n = min(int(timer.time_elapsed()), bar.total) if timer else trainer.global_step
+        step = f", step {trainer.global_step}" if timer else ""
+        bar.set_description(f"Training (epoch {trainer.current_epoch}{step})")  # and redraws
+
+
+def _budget(trainer) -> Timer | None:
+    """The time budget the bar counts, when there is no step limit to count instead."""
+    return budget_timer(trainer.callbacks) if trainer.max_steps <= 0 else None
+
+
+def _by_epochs(trainer) -> bool:
+    return trainer.max_steps <= 0 and _budget(trainer) is None

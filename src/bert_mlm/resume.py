@@ -1,14 +1,24 @@
-"""Resuming: which checkpoint `ckpt_path` names, and whether it fits the model."""
+"""Resuming: which checkpoint `ckpt_path` names (or a requeued SLURM job resumes from), and
+whether it fits the model."""
 
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 from bert_mlm.errors import UserError
 from bert_mlm.module import MLMModule
+from bert_mlm.requeue import requeued_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
+    requeued = requeued_checkpoint(output_dir)
+    if requeued:  # the same command as the first attempt: it cannot name the checkpoint
+        log.info(f"requeued SLURM job (restart {os.environ['SLURM_RESTART_COUNT']}): resuming from {requeued}")
+        return str(requeued)
     if ckpt_path is None:
         return None
     path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
