@@ -25,7 +25,9 @@ def test_bench_data_measures_every_row(tmp_path, capsys):
     ]
     rows = json.loads(out.read_text())["rows"]
     ours, hf, loader, need, small, large = rows
-    assert ours["blocks"] > 0 and hf["blocks"] > 0 and ours["seconds"] > 0 and hf["seconds"] > 0
+    assert ours["seconds"] > 0 and hf["seconds"] > 0
+    # The same text in blocks of 64 both ways (run_mlm.py's hold a [CLS] and [SEP] per line, ours per block).
+    assert 0.8 < ours["blocks"] / hf["blocks"] < 1.1
     assert float(table[1][1].split()[0]) == pytest.approx(0.3 / ours["seconds"], rel=0.05)  # MB/s
     assert table[1][2].strip() == f"{hf['seconds'] / ours['seconds']:.2f}x run_mlm.py"
     assert loader["sequences_per_sec"] > 0 and need["sequences_per_sec"] > 0
