@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from bert_mlm.dropout import ATTENTION, BitmaskDropout
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import IGNORE, MaskingCollator
 from bert_mlm.module import MLMModule
@@ -24,7 +25,7 @@ TINY = dict(
 
 def tiny_module(**kwargs) -> MLMModule:
     torch.manual_seed(0)
-    return MLMModule(**TINY, **kwargs)
+    return MLMModule(**{**TINY, **kwargs})
 
 
 def make_batch(module: MLMModule, seed: int = 0, lengths=(30, 12, 21, 5)) -> dict:
@@ -284,15 +285,19 @@ def test_a_pretrained_model_without_mlm_head_loads_with_one_line(caplog, capfd):
     assert module.model.cls.predictions.decoder.weight is module.model.bert.embeddings.word_embeddings.weight
 
 
-def test_tf32_for_fp32_matrix_products_on_gpus_only():
+def test_per_device_setup_tf32_on_gpus_bitmask_dropout_and_plain_attention_on_cpus():
     from types import SimpleNamespace
 
-    module, before = tiny_module(), torch.get_float32_matmul_precision()
+    before = torch.get_float32_matmul_precision()
     try:
-        for device, expected in (("cpu", before), ("cuda", "high")):
+        for device, precision, attention in (("cpu", before, ATTENTION), ("cuda", "high", "sdpa")):
+            module = tiny_module(dropout=0.1)
             module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
             module.setup("fit")
-            assert torch.get_float32_matmul_precision() == expected, device
+            assert torch.get_float32_matmul_precision() == precision, device
+            assert module.model.config._attn_implementation == attention, device
+            dropouts = {type(m) for m in module.model.modules() if isinstance(m, torch.nn.Dropout)}
+            assert dropouts == ({BitmaskDropout} if device == "cpu" else {torch.nn.Dropout}), device
     finally:
         torch.set_float32_matmul_precision(before)
 
