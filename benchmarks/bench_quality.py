@@ -31,13 +31,14 @@ from bench import ROOT, WIKITEXT, val_loss
 HF_LRS = "5e-5,5e-4"  # run_mlm.py's default, and the rate this project trains at
 
 
-def default_texts(folder: Path) -> tuple[Path, Path]:
+def default_texts(folder: Path, corpus: str) -> tuple[Path, Path]:
     """Training and held-out files from text on hand: WikiText-2's validation split cut at an
-    article heading (the last ~5% of articles held out), else Python's docs (every 10th
-    topic held out). Nothing here was used to tune this project's defaults on WikiText."""
+    article heading (the last ~5% of articles held out), or Python's docs (every 10th topic
+    held out). Nothing here was used to tune this project's defaults on WikiText."""
+    folder = folder / corpus
     folder.mkdir(parents=True, exist_ok=True)
     train, heldout = folder / "train.txt", folder / "heldout.txt"
-    if WIKITEXT.exists():
+    if corpus == "wikitext":
         lines = WIKITEXT.read_text().splitlines()
         heading = re.compile(r"^ = [^=].* = $")  # " = Title = ": an article starts
         cut = next(i for i in range(int(len(lines) * 0.95), len(lines)) if heading.match(lines[i]))
@@ -221,12 +222,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, default=None, help="training text, one example per line (default: text on hand)")
     parser.add_argument("--heldout", type=Path, default=None, help="held-out text (default: text on hand)")
+    parser.add_argument("--corpus", choices=["wikitext", "pydocs"], default="wikitext" if WIKITEXT.exists() else "pydocs",
+                        help="the text on hand to split, without --train (default: WikiText-2 when here)")
     parser.add_argument("--budget", type=float, default=600, help="seconds of training per recipe")
     parser.add_argument("--saves", type=int, default=6, help="models saved along each run (and one at its end)")
     parser.add_argument("--model", default="minilm", help="a conf/model option (minilm: continued pretraining)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hf-lrs", default=HF_LRS, help="the Hugging Face runs' learning rates")
+    parser.add_argument("--hf-lrs", default=HF_LRS, help="the Hugging Face runs' learning rates ('' for none)")
     parser.add_argument("--ours", default="", help="extra overrides for this project's run, e.g. 'model.lr=1e-3'")
     parser.add_argument("--common", default="", help="extra overrides for every recipe's data and model")
     parser.add_argument("--seed", type=int, default=42)
@@ -236,15 +239,16 @@ def main() -> None:
     if (args.train is None) != (args.heldout is None):
         sys.exit("error: give both --train and --heldout, or neither (then text on hand is used)")
     if args.train is None:
-        args.train, args.heldout = default_texts(Path(args.cache_dir) / "text")
+        args.train, args.heldout = default_texts(Path(args.cache_dir) / "text", args.corpus)
     args.train, args.heldout = args.train.resolve(), args.heldout.resolve()  # the runs start elsewhere
 
     runs = {}
     print(f"ours: python -m train for {args.budget:g} s ...", flush=True)
     runs["ours"] = run_ours(args)  # first, in a process of its own, as users run it
     module, datamodule = build(args)
-    max_steps = hf_steps_in_budget(args, module, datamodule)
-    for lr in args.hf_lrs.split(","):
+    hf_lrs = [lr for lr in args.hf_lrs.split(",") if lr]
+    max_steps = hf_steps_in_budget(args, module, datamodule) if hf_lrs else 0
+    for lr in hf_lrs:
         print(f"hf-lr{lr}: the Hugging Face recipe for {args.budget:g} s ({max_steps} steps timed to fit) ...", flush=True)
         runs[f"hf-lr{lr}"] = run_hf(args, float(lr), max_steps, module, datamodule)
     print("scoring every saved model on the held-out text ...", flush=True)

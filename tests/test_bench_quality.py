@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_quality import time_to_reach  # noqa: E402
+from bench import WIKITEXT  # noqa: E402
+from bench_quality import default_texts, time_to_reach  # noqa: E402
 
 
 def test_time_to_reach_interpolates_between_scored_points():
@@ -23,6 +24,17 @@ def test_time_to_reach_interpolates_between_scored_points():
     assert time_to_reach(curve, 4.9) is None
     # Not the first point under the target: the first time the curve gets there.
     assert time_to_reach([(0.0, 10.0), (10.0, 7.0), (20.0, 9.0), (30.0, 6.0)], 8.0) == pytest.approx(20 / 3)
+
+
+@pytest.mark.parametrize("corpus", ["pydocs", "wikitext"])
+def test_text_on_hand_splits_into_disjoint_training_and_held_out_files(tmp_path, corpus):
+    if corpus == "wikitext" and not WIKITEXT.exists():
+        pytest.skip(f"{WIKITEXT} is not here")
+    train, heldout = (path.read_text() for path in default_texts(tmp_path, corpus))
+    assert 0.02 < len(heldout) / (len(train) + len(heldout)) < 0.15
+    # Whole documents are held out: their lines (but stock phrases) are not trained on.
+    lines = {line for line in heldout.splitlines() if len(line) > 60}
+    assert len(lines - set(train.splitlines())) > 0.8 * len(lines) > 0
 
 
 def test_bench_quality_scores_every_saved_model(tmp_path):
