@@ -323,3 +323,26 @@ def test_compiled_model_computes_what_the_eager_one_does(monkeypatch):
         assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-6)
     assert make_batch(eager, 0)["labels"].ne(IGNORE).sum() != make_batch(eager, 1)["labels"].ne(IGNORE).sum()
+
+
+def test_unigram_head_bias_starts_a_fresh_head_at_each_tokens_log_frequency(tmp_path):
+    from types import SimpleNamespace
+
+    from bert_mlm import MLMDataModule
+
+    train = tmp_path / "train.txt"
+    train.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    module = tiny_module(head_bias="unigram")
+    data = MLMDataModule(module.tokenizer, corpus="text", train_files=[str(train)], val_files=[str(train)],
+                         max_length=32, batch_size=4, num_proc=1, cache_dir=str(tmp_path / "cache"))
+    data.prepare_data()
+    data.setup("fit")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), datamodule=data)
+    module.setup("fit")
+    bias, tok = module.model.cls.predictions.bias.detach().clone(), module.tokenizer
+    the, fox, unseen = tok.convert_tokens_to_ids(["the", "fox", "cat"])
+    assert (bias[the] - bias[fox]).item() == pytest.approx(math.log(2), rel=0.01)  # "the" is twice as frequent
+    assert bias[tok.cls_token_id] == bias[unseen] == bias.min()  # special tokens are never predicted
+    assert torch.logsumexp(bias, 0).item() == pytest.approx(0.0, abs=1e-4)  # a distribution over the vocabulary
+    module.setup("fit")  # a head with a bias (trained, or set already) keeps it
+    assert torch.equal(module.model.cls.predictions.bias, bias)

@@ -299,6 +299,15 @@ class MLMDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def token_counts(self, vocab_size: int, blocks: int = 10_000) -> np.ndarray | None:
+        """(V,) occurrences of each token id in up to `blocks` training blocks spread evenly
+        over the corpus; None for a stream, which cannot be sampled before training."""
+        if self.streaming or not len(self.train_set):
+            return None
+        sample = self.train_set.select(range(0, len(self.train_set), -(-len(self.train_set) // blocks)))
+        ids = pc.list_flatten(sample.with_format("arrow")["input_ids"]).to_numpy()
+        return np.bincount(ids, minlength=vocab_size)[:vocab_size]
+
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Found here on the host, where the batch still is: found on a GPU (boolean indexing,
         # transformers' check for an all-ones mask) they would make the host wait for it every step.

@@ -1,9 +1,11 @@
 """MLMModule: BertForMaskedLM trained with the loss on masked positions only."""
 
+import logging
 import random
 from typing import Annotated, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from pydantic import AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo
 from transformers import BertConfig, BertForMaskedLM
@@ -15,6 +17,7 @@ from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
 from bert_mlm.schedule import budget_timer, linear_schedule
 
+log = logging.getLogger(__name__)
 # Dropout of 1 drops everything; an Adam beta of 1 makes its running average never move.
 BelowOne = Annotated[float, Field(ge=0, lt=1)]
 
@@ -49,6 +52,7 @@ class MLMModule(L.LightningModule):
         attention: Literal["auto", "sdpa", "eager"] = "auto",
         matmul_precision: Literal["highest", "high", "medium"] = "high",
         compile: bool = False,
+        head_bias: Literal["zeros", "unigram"] = "zeros",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,10 +94,26 @@ class MLMModule(L.LightningModule):
             # matrix-product attention: PyTorch's fused CPU attention is slow in the backward
             # pass (35% fewer tokens/s on our 2-core machine).
             use_bitmask_dropout(self.model, attention=self.hparams.attention == "auto")
+        if stage == "fit" and self.hparams.head_bias == "unigram":
+            self._unigram_head_bias()
         if device == "cuda":
             # "high": fp32 matrix products in TF32 on GPUs that have it (Ampere and newer),
             # several times faster; PyTorch's default is full fp32 ("highest").
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+
+    def _unigram_head_bias(self):
+        """A fresh head's output bias (all zeros) set to the log frequency of each token in
+        the training data, so that the first steps need not learn it: the loss starts near
+        the unigram entropy instead of above log V. Set before a resumed run's checkpoint
+        is loaded, and on every DDP rank before DDP copies rank 0's weights to the others."""
+        bias = self.model.cls.predictions.bias  # (V,), also the decoder's
+        counts = getattr(self.trainer.datamodule, "token_counts", lambda v: None)(bias.numel())
+        if bias.any() or counts is None:  # a trained head, or a stream
+            return
+        counts[self.tokenizer.all_special_ids] = 0  # never predicted
+        with torch.no_grad():
+            bias.copy_(torch.from_numpy(np.log(counts + 1.0) - np.log(counts.sum() + counts.size)))
+        log.info(f"the fresh MLM head's bias starts at each token's log frequency ({counts.sum():,} tokens sampled)")
 
     def masked_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, V) logits and (M,) targets at the M masked positions of the batch.
