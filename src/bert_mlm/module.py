@@ -94,7 +94,7 @@ class MLMModule(L.LightningModule):
             # matrix-product attention: PyTorch's fused CPU attention is slow in the backward
             # pass (35% fewer tokens/s on our 2-core machine).
             use_bitmask_dropout(self.model, attention=self.hparams.attention == "auto")
-        if stage == "fit" and self.hparams.head_bias == "unigram":
+        if self.hparams.head_bias == "unigram":  # also for the validation before training
             self._unigram_head_bias()
         if device == "cuda":
             # "high": fp32 matrix products in TF32 on GPUs that have it (Ampere and newer),
