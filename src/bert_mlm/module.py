@@ -18,6 +18,7 @@ from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokeniz
 from bert_mlm.schedule import budget_timer, linear_schedule
 
 log = logging.getLogger(__name__)
+
 # Dropout of 1 drops everything; an Adam beta of 1 makes its running average never move.
 BelowOne = Annotated[float, Field(ge=0, lt=1)]
 
@@ -107,8 +108,10 @@ class MLMModule(L.LightningModule):
         the unigram entropy instead of above log V. Set before a resumed run's checkpoint
         is loaded, and on every DDP rank before DDP copies rank 0's weights to the others."""
         bias = self.model.cls.predictions.bias  # (V,), also the decoder's
+        if bias.any():  # a trained head
+            return
         counts = getattr(self.trainer.datamodule, "token_counts", lambda v: None)(bias.numel())
-        if bias.any() or counts is None:  # a trained head, or a stream
+        if counts is None:  # a stream, or data that is not ours
             return
         counts[self.tokenizer.all_special_ids] = 0  # never predicted
         with torch.no_grad():
