@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from bert_mlm.errors import UserError
-from bert_mlm.schedule import linear_schedule, lr_factor
+from bert_mlm.schedule import lr_schedule, lr_factor
 from conftest import SMOKE, run_train_here
 from test_module import make_batch, tiny_module
 
@@ -32,6 +32,16 @@ def test_without_a_budget_the_schedule_is_transformers_linear_one():
             assert [lr_factor(s, warmup, total) for s in range(total + 2)] == [hf(s) for s in range(total + 2)]
 
 
+def test_cosine_and_wsd_decays_share_the_warm_up_and_the_end():
+    # warm-up over 10 steps, then 100 steps of decay; (step, linear, cosine, wsd)
+    expected = [(5, 0.5, 0.5, 0.5), (10, 1.0, 1.0, 1.0), (60, 0.5, 0.5, 1.0), (90, 0.2, 0.5 * (1 - math.cos(0.2 * math.pi)), 1.0),
+                (100, 0.1, 0.5 * (1 - math.cos(0.1 * math.pi)), 0.5), (110, 0.0, 0.0, 0.0), (120, 0.0, 0.0, 0.0)]
+    for step, *lrs in expected:
+        assert [lr_factor(step, 10, 110, decay=d) for d in ("linear", "cosine", "wsd")] == pytest.approx(lrs, abs=1e-12)
+    # With a budget, its elapsed share ends the decay just as the steps do: 90% gone leaves 10%.
+    assert lr_factor(20, 10, math.inf, time_share=0.9, decay="wsd") == pytest.approx(0.5)
+
+
 @pytest.fixture
 def clock(monkeypatch) -> list[float]:
     """Lightning's Timer reads this clock: set clock[0] to the seconds that have passed."""
@@ -42,7 +52,7 @@ def clock(monkeypatch) -> list[float]:
 
 def budget_schedule(timer: Timer, warmup: int, total: float = math.inf, **kwargs):
     opt = optimizer(lr=2.0)
-    return opt, linear_schedule(opt, warmup, total, timer, **kwargs)
+    return opt, lr_schedule(opt, warmup, total, timer, **kwargs)
 
 
 def lrs_at(opt, schedule, clock, points: list[tuple[int, float]]) -> list[float]:
@@ -87,12 +97,12 @@ def test_a_restored_timer_goes_on_from_its_saved_time_and_rank_0_sets_the_time(c
 
 def test_the_schedule_state_resumes_exactly_and_loads_without_pickles(tmp_path):
     opt = optimizer(lr=2.0)
-    schedule = linear_schedule(opt, 4, 20)
+    schedule = lr_schedule(opt, 4, 20)
     for _ in range(7):
         schedule.step()
     torch.save(schedule.state_dict(), tmp_path / "s.pt")
     opt2 = optimizer(lr=2.0)
-    resumed = linear_schedule(opt2, 4, 20)
+    resumed = lr_schedule(opt2, 4, 20)
     resumed.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))  # as train.py resumes
     for _ in range(5):
         schedule.step()

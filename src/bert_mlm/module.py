@@ -15,7 +15,7 @@ from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
-from bert_mlm.schedule import budget_timer, linear_schedule
+from bert_mlm.schedule import Decay, budget_timer, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class MLMModule(L.LightningModule):
         betas: tuple[BelowOne, BelowOne] = (0.9, 0.98),
         eps: PositiveFloat = 1e-6,
         warmup_steps: NonNegativeInt = 100,
+        decay: Decay = "linear",
         attention: Literal["auto", "sdpa", "eager"] = "auto",
         matmul_precision: Literal["highest", "high", "medium"] = "high",
         compile: bool = False,
@@ -248,5 +249,5 @@ class MLMModule(L.LightningModule):
         if total_steps == float("inf") and timer is None:
             raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
         broadcast = self.trainer.strategy.broadcast if self.trainer.world_size > 1 else (lambda x: x)
-        scheduler = linear_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast)
+        scheduler = lr_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast, hp.decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

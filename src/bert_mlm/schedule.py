@@ -1,5 +1,5 @@
-"""The learning-rate schedule: linear warm-up over `warmup_steps`, then linear decay to 0
-at the end of training, whether that end is a number of steps (trainer.max_steps or
+"""The learning-rate schedule: linear warm-up over `warmup_steps`, then a decay to 0 at the
+end of training (linear, cosine, or constant until a linear cool-down over the last 20%), whether that end is a number of steps (trainer.max_steps or
 max_epochs) or a time budget (trainer.max_time), whichever comes first.
 
 With a budget the decay follows the elapsed share of it, as Cramming's budget schedules
@@ -9,25 +9,38 @@ in checkpoints: a resumed run goes on from the saved share instead of starting a
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: float, time_share: float = 0.0) -> float:
+Decay = Literal["linear", "cosine", "wsd"]
+
+# The decay's shape as a function of the share of it still to go (1 -> 0).
+DECAYS: dict[str, Callable[[float], float]] = {
+    "linear": lambda left: left,
+    "cosine": lambda left: 0.5 * (1.0 - math.cos(math.pi * left)),
+    # warm-up, stable, decay (Hägele et al. 2024): the peak until the last 20%, then linear to 0
+    "wsd": lambda left: min(1.0, left / 0.2),
+}
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: float, time_share: float = 0.0,
+              decay: Decay = "linear") -> float:
     """The share of the peak learning rate for `step`. `total_steps`: inf when only the
     budget ends training; `time_share`: the elapsed share of the budget (0 without one).
 
-    Without a budget this is transformers' get_linear_schedule_with_warmup, float for
+    Linear without a budget is transformers' get_linear_schedule_with_warmup, float for
     float, so runs and checkpoints from before the budget existed are unchanged."""
-    if step < warmup_steps:
-        by_steps = float(step) / float(max(1, warmup_steps))
-    elif math.isinf(total_steps):
-        by_steps = 1.0
+    warm = float(step) / float(max(1, warmup_steps)) if step < warmup_steps else 1.0
+    if step < warmup_steps or math.isinf(total_steps):
+        left = 1.0
     else:
-        by_steps = float(total_steps - step) / float(max(1, total_steps - warmup_steps))
-    return max(0.0, min(by_steps, 1.0 - time_share))
+        left = float(total_steps - step) / float(max(1, total_steps - warmup_steps))
+    left = max(0.0, min(left, 1.0 - time_share))  # whichever end comes first
+    return min(warm, DECAYS[decay](left))
 
 
 def budget_timer(callbacks: list) -> Timer | None:
@@ -35,12 +48,13 @@ def budget_timer(callbacks: list) -> Timer | None:
     return next((c for c in callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
 
 
-def linear_schedule(
+def lr_schedule(
     optimizer: Optimizer,
     warmup_steps: int,
     total_steps: float,
     timer: Timer | None = None,
     broadcast: Callable[[float], float] = lambda x: x,
+    decay: Decay = "linear",
 ) -> LambdaLR:
     """A LambdaLR for `lr_factor`; with `timer`, the time share is its elapsed training time
     over its duration. `broadcast` hands every rank rank 0's elapsed time: each rank steps
@@ -55,6 +69,6 @@ def linear_schedule(
         return broadcast(timer.time_elapsed()) / budget_s if budget_s > 0 else 1.0
 
     def factor(step: int) -> float:  # a plain function: LambdaLR saves no state of it in checkpoints
-        return lr_factor(step, warmup_steps, total_steps, time_share())
+        return lr_factor(step, warmup_steps, total_steps, time_share(), decay)
 
     return LambdaLR(optimizer, factor)
