@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec.implementations.local
 import lightning as L
 import pytest
 import torch
 
+from bert_mlm.checkpoints import LastCheckpoint
 from conftest import (OFFLINE, ROOT, SMOKE, assert_same, final_state, last_error, run_train, run_train_here,
                       saved_step, steps_shown, wait_for)
 
@@ -166,3 +168,19 @@ def test_saves_by_time_keeps_the_last_k_and_logs_each_write(tmp_path):
     assert [saved_step(ckpts / n) for n in ("step9.ckpt", "step10.ckpt", "last.ckpt")] == [9, 10, 10]
     saves = re.findall(r"saved (\S+) \(step (\d+), \d+ MB\) in [\d.]+ s", (run_dir / "train.log").read_text())
     assert (str(ckpts / "last.ckpt"), "1") in saves and (str(ckpts / best[0]), best[0][9:-5]) in saves
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_saves_by_time_ask_rank_0_only_at_logging_steps_under_ddp(tmp_path, world_size):
+    # Each broadcast makes the host wait for the device: under DDP rank 0's clock is asked
+    # only at logging steps (every 5 here); one process saves at the first step due.
+    broadcasts, saves = [], []
+    trainer = SimpleNamespace(world_size=world_size, log_every_n_steps=5, fast_dev_run=False, global_step=0,
+                              strategy=SimpleNamespace(broadcast=lambda x: broadcasts.append(x) or x),
+                              save_checkpoint=lambda path, weights_only: saves.append(trainer.global_step))
+    callback = LastCheckpoint(str(tmp_path), every_minutes=1e-9)
+    for step in range(1, 12):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, None, None, None, step - 1)
+    assert saves == (list(range(1, 12)) if world_size == 1 else [5, 10])
+    assert broadcasts == ([] if world_size == 1 else [True, True])

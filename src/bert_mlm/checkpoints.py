@@ -44,9 +44,11 @@ class LastCheckpoint(Checkpoint):
         self._step = step
         by_steps = bool(self.every_n_steps) and step % self.every_n_steps == 0
         by_time = self.every_s is not None and time.monotonic() - self._saved_at >= self.every_s
-        # The ranks' clocks differ; every rank must take part in a save: rank 0 decides.
         if trainer.world_size > 1 and self.every_s is not None:
-            by_time = trainer.strategy.broadcast(by_time)
+            # The ranks' clocks differ and every rank must take part in a save: rank 0
+            # decides. A broadcast makes the host wait for the device, so only at logging
+            # steps, where it waits for the logged values anyway.
+            by_time = step % max(trainer.log_every_n_steps, 1) == 0 and trainer.strategy.broadcast(by_time)
         if by_steps or by_time:
             self._save(trainer)
             if self.keep_periodic:
