@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bert_mlm.errors import UserError
-from bert_mlm.parallel import SideBySide, claim_slot, device_for
+from bert_mlm.parallel import SideBySide, claim_slot, cores_for, device_for
 from bert_mlm.workers import available_cores
 from conftest import CONF, SMOKE, last_error, run, run_train_here
 
@@ -84,6 +84,10 @@ def test_each_worker_claims_a_gpu_of_its_own(tmp_path, monkeypatch):
                                              "hydra.job.num=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          return_hydra_config=True)
     held = []  # the locks of the workers still running
+    pinned = []  # each worker's share of a 5-core machine (not this process's: recorded only)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(list(cores)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
 
     def job_in_a_new_worker() -> str:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")  # what each worker inherits
@@ -95,6 +99,8 @@ def test_each_worker_claims_a_gpu_of_its_own(tmp_path, monkeypatch):
     assert (job_in_a_new_worker(), job_in_a_new_worker()) == ("4", "7")
     SideBySide().on_job_start(config)  # the second worker's next job: the GPU it has
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert pinned == [[0, 1], [2, 3]]  # its DataLoader workers are sized for 2 cores, not 5
+    assert cores_for(2, 4, [0, 1]) == [1]  # more jobs than cores: one core each, shared
 
 
 def test_more_jobs_at_once_than_gpus_is_refused(tmp_path):

@@ -52,11 +52,19 @@ def device_for(slot: int, visible: str | None) -> str:
     return [d.strip() for d in visible.split(",")][slot] if visible else str(slot)
 
 
+def cores_for(slot: int, slots: int, cores: list[int]) -> list[int]:
+    """The slot-th of `slots` equal shares of `cores`, at least one core each."""
+    share = max(1, len(cores) // slots)
+    return cores[slot * share:(slot + 1) * share] or cores[-share:]
+
+
 class SideBySide(Callback):
     """A Hydra callback (conf/hydra/default.yaml); does nothing unless jobs run at once.
     On GPUs each worker process of the launcher claims a GPU at its first job and keeps it
     for its life: CUDA reads CUDA_VISIBLE_DEVICES once per process, at its first use, and the
     launcher reuses its workers. With n_jobs no more than the GPUs, no two jobs share one.
+    It also takes its share of the CPU cores, so that data.num_workers=null sizes its
+    DataLoader workers for that share, not for a machine of its own.
     On the CPU joblib already sets each worker's OMP_NUM_THREADS to cores / n_jobs (unless
     set): torch starts with that many threads, so jobs do not fight over the cores."""
 
@@ -80,6 +88,10 @@ class SideBySide(Callback):
         if SideBySide._slot is None:
             SideBySide._slot = claim_slot(Path(config.hydra.sweep.dir) / ".gpus", n)
             os.environ["CUDA_VISIBLE_DEVICES"] = device_for(SideBySide._slot[0], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if hasattr(os, "sched_setaffinity"):  # Linux; workers.available_cores reads it
+                cores = cores_for(SideBySide._slot[0], n, sorted(os.sched_getaffinity(0)))
+                os.sched_setaffinity(0, cores)
+                torch.set_num_threads(len(cores))
         log.info(f"job {job}: GPU {os.environ['CUDA_VISIBLE_DEVICES']}, {n} jobs at once (pid {os.getpid()})")
 
 
