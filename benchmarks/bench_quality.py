@@ -6,7 +6,7 @@ model along the way; one evaluator then scores every saved model on the held-out
 same fixed masks (HF's forward in fp32). It prints loss against training time for each recipe,
 and when this project reaches the best loss any Hugging Face run reached.
 
-    python benchmarks/bench_quality.py [--budget 600] [--train FILE --heldout FILE] [--model minilm] ...
+    python benchmarks/bench_quality.py [--budget 240] [--train FILE --heldout FILE] [--model minilm] ...
 
 This project runs first, as `python -m train` with trainer.max_time in a process of its own
 (its validations and checkpoint writes count in its time); its saved models are its periodic
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, default=None, help="held-out text (default: text on hand)")
     parser.add_argument("--corpus", choices=["wikitext", "pydocs"], default="wikitext" if WIKITEXT.exists() else "pydocs",
                         help="the text on hand to split, without --train (default: WikiText-2 when here)")
-    parser.add_argument("--budget", type=float, default=600, help="seconds of training per recipe")
+    parser.add_argument("--budget", type=float, default=240, help="seconds of training per recipe")
     parser.add_argument("--saves", type=int, default=6, help="models saved along each run (and one at its end)")
     parser.add_argument("--model", default="minilm", help="a conf/model option (minilm: continued pretraining)")
     parser.add_argument("--batch", type=int, default=32)
