@@ -1,11 +1,14 @@
 """What libraries print on every run that a user can do nothing about: deprecation notices
-from inside torchdata and Lightning (on torch 2.13), Lightning's advertisement, and its note
-that our summary callback replaces its own, or that SLURM requeueing is set up its way."""
+from inside torchdata and Lightning (on torch 2.13), Lightning's advertisement, its note
+that our summary callback replaces its own, or that SLURM requeueing is set up its way, and
+its warning that the summary's size in MB assumes 32 bits under mixed precision (where the
+weights are indeed fp32)."""
 
 import logging
 import warnings
 
-NOTICES = ("'set_vital' is deprecated", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+NOTICES = ("'set_vital' is deprecated", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+           r"Precision .*-mixed is not supported by the model summary")
 # The last: under srun Lightning announces its requeue handler, which bert_mlm.requeue replaces.
 LOG_LINES = ("💡 Tip:", "Trainer already configured with model summary", "SLURM auto-requeueing enabled")
 
