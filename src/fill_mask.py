@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field, PositiveInt
 from transformers import pipeline
+from transformers.utils import logging as hf_logging
 
 from bert_mlm import MLMModule, UserError
 from bert_mlm.checks import check_values
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU when one is visible")
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar that lasts a blink, before every answer
     try:
         check_values("--", Options, {"top-k": args.top_k})
         texts = args.text or [line.strip() for line in sys.stdin if line.strip()]

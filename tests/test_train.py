@@ -102,6 +102,7 @@ def test_fill_mask_command(smoke_run, capsys):
     # ... and as a user runs it, reading stdin.
     proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
+    assert "Loading weights" not in proc.stderr  # the model loaded before the error, with no bar
 
 
 @pytest.mark.gpu
