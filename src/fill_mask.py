@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import enable_progress_bars
 from pydantic import BaseModel, Field, PositiveInt
 from transformers import pipeline
 from transformers.utils import logging as hf_logging
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU when one is visible")
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar that lasts a blink, before every answer
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, a blink before every answer...
+    enable_progress_bars()  # ...but a hub model's download keeps its bar
     try:
         check_values("--", Options, {"top-k": args.top_k})
         texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
