@@ -302,26 +302,36 @@ def test_per_device_setup_tf32_on_gpus_bitmask_dropout_and_plain_attention_on_cp
         torch.set_float32_matmul_precision(before)
 
 
-def test_compiled_model_computes_what_the_eager_one_does(monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiled_model_computes_what_the_eager_one_does(monkeypatch, dropout):
     """model.compile=true with the masked-only head: the compiled encoder's loss and gradients
-    are the eager model's, also when the number of masked positions changes between batches.
+    are the eager model's, also when the number of masked positions changes between batches,
+    and with the CPU's bitmask dropout (the same random bits for the same seed).
     Through TorchDynamo and AOTAutograd, without generating C++ (a minute on 2 cores); the
     GPU tests compile with the default backend (test_gpu_trainers[mixed])."""
     from functools import partialmethod
+    from types import SimpleNamespace
 
     monkeypatch.setattr(torch.nn.Module, "compile", partialmethod(torch.nn.Module.compile, backend="aot_eager"))
-    eager, compiled = tiny_module(), tiny_module(compile=True)
+    eager, compiled = tiny_module(dropout=dropout), tiny_module(dropout=dropout, compile=True)
+    for module in (eager, compiled):  # on the CPU: bitmask dropout, and attention that applies it
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        module.setup("fit")
+
+    def loss_and_grad(module, batch, seed=0):
+        module.zero_grad()
+        torch.manual_seed(seed)
+        loss = summed_cross_entropy(*module.masked_logits(batch))
+        loss.backward()
+        return loss, module.model.bert.encoder.layer[0].attention.self.query.weight.grad
+
     for seed in (0, 1):  # the same (B, T), a different number of masked positions
         batch = make_batch(eager, seed)
-        results = []
-        for module in (eager, compiled):
-            module.zero_grad()
-            loss = summed_cross_entropy(*module.masked_logits(batch))
-            loss.backward()
-            results.append((loss, module.model.bert.encoder.layer[0].attention.self.query.weight.grad))
-        (loss_e, grad_e), (loss_c, grad_c) = results
+        (loss_e, grad_e), (loss_c, grad_c) = loss_and_grad(eager, batch), loss_and_grad(compiled, batch)
         assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-6)
+        # Dropout is on (other bits, another loss) exactly when configured.
+        assert (loss_and_grad(compiled, batch, seed=1)[0].item() != loss_c.item()) == (dropout > 0)
     assert make_batch(eager, 0)["labels"].ne(IGNORE).sum() != make_batch(eager, 1)["labels"].ne(IGNORE).sum()
 
 
