@@ -40,6 +40,8 @@ def test_cosine_and_wsd_decays_share_the_warm_up_and_the_end():
         assert [lr_factor(step, 10, 110, decay=d) for d in ("linear", "cosine", "wsd")] == pytest.approx(lrs, abs=1e-12)
     # With a budget, its elapsed share ends the decay just as the steps do: 90% gone leaves 10%.
     assert lr_factor(20, 10, math.inf, time_share=0.9, decay="wsd") == pytest.approx(0.5)
+    # model.cooldown: wsd's decay over the last half instead of the last 20%.
+    assert [lr_factor(s, 10, 110, decay="wsd", cooldown=0.5) for s in (50, 60, 85, 110)] == pytest.approx([1, 1, 0.5, 0])
 
 
 @pytest.fixture

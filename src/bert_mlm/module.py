@@ -51,6 +51,7 @@ class MLMModule(L.LightningModule):
         eps: PositiveFloat = 1e-6,
         warmup_steps: NonNegativeInt = 100,
         decay: Decay = "linear",
+        cooldown: Annotated[float, Field(gt=0, le=1)] = 0.2,
         attention: Literal["auto", "sdpa", "eager"] = "auto",
         matmul_precision: Literal["highest", "high", "medium"] = "high",
         compile: bool = False,
@@ -249,5 +250,5 @@ class MLMModule(L.LightningModule):
         if total_steps == float("inf") and timer is None:
             raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
         broadcast = self.trainer.strategy.broadcast if self.trainer.world_size > 1 else (lambda x: x)
-        scheduler = lr_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast, hp.decay)
+        scheduler = lr_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast, hp.decay, hp.cooldown)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

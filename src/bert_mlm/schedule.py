@@ -1,5 +1,6 @@
 """The learning-rate schedule: linear warm-up over `warmup_steps`, then a decay to 0 at the
-end of training (linear, cosine, or the peak until a linear cool-down over the last 20%),
+end of training (linear, cosine, or the peak until a linear cool-down over the last 20%,
+the `cooldown` share),
 whether that end is a number of steps (trainer.max_steps or max_epochs) or a time budget
 (trainer.max_time), whichever comes first.
 
@@ -19,19 +20,20 @@ from torch.optim.lr_scheduler import LambdaLR
 
 Decay = Literal["linear", "cosine", "wsd"]
 
-# The decay's shape as a function of the share of it still to go (1 -> 0).
-DECAYS: dict[str, Callable[[float], float]] = {
-    "linear": lambda left: left,
-    "cosine": lambda left: 0.5 * (1.0 - math.cos(math.pi * left)),
-    # warm-up, stable, decay (Hägele et al. 2024): the peak until the last 20%, then linear to 0
-    "wsd": lambda left: min(1.0, left / 0.2),
+# The decay's shape as a function of the share of it still to go (1 -> 0) and wsd's cool-down share.
+DECAYS: dict[str, Callable[[float, float], float]] = {
+    "linear": lambda left, cooldown: left,
+    "cosine": lambda left, cooldown: 0.5 * (1.0 - math.cos(math.pi * left)),
+    # warm-up, stable, decay (Hägele et al. 2024): the peak until the last `cooldown`, then linear to 0
+    "wsd": lambda left, cooldown: min(1.0, left / cooldown),
 }
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: float, time_share: float = 0.0,
-              decay: Decay = "linear") -> float:
+              decay: Decay = "linear", cooldown: float = 0.2) -> float:
     """The share of the peak learning rate for `step`. `total_steps`: inf when only the
-    budget ends training; `time_share`: the elapsed share of the budget (0 without one).
+    budget ends training; `time_share`: the elapsed share of the budget (0 without one);
+    `cooldown`: wsd's share of the decay (after warm-up) in which it falls to 0.
 
     Linear without a budget is transformers' get_linear_schedule_with_warmup, float for
     float, so runs and checkpoints from before the budget existed are unchanged."""
@@ -41,7 +43,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: float, time_share: floa
     else:
         left = float(total_steps - step) / float(max(1, total_steps - warmup_steps))
     left = max(0.0, min(left, 1.0 - time_share))  # whichever end comes first
-    return min(warm, DECAYS[decay](left))
+    return min(warm, DECAYS[decay](left, cooldown))
 
 
 def budget_timer(callbacks: list) -> Timer | None:
@@ -56,6 +58,7 @@ def lr_schedule(
     timer: Timer | None = None,
     broadcast: Callable[[float], float] = lambda x: x,
     decay: Decay = "linear",
+    cooldown: float = 0.2,
 ) -> LambdaLR:
     """A LambdaLR for `lr_factor`; with `timer`, the time share is its elapsed training time
     over its duration. `broadcast` hands every rank rank 0's elapsed time: each rank steps
@@ -70,6 +73,6 @@ def lr_schedule(
         return broadcast(timer.time_elapsed()) / budget_s if budget_s > 0 else 1.0
 
     def factor(step: int) -> float:  # a plain function: LambdaLR saves no state of it in checkpoints
-        return lr_factor(step, warmup_steps, total_steps, time_share(), decay)
+        return lr_factor(step, warmup_steps, total_steps, time_share(), decay, cooldown)
 
     return LambdaLR(optimizer, factor)
