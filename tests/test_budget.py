@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from bert_mlm.errors import UserError
-from bert_mlm.schedule import lr_schedule, lr_factor
+from bert_mlm.schedule import lr_factor, lr_schedule
 from conftest import SMOKE, run_train_here
 from test_module import make_batch, tiny_module
 
