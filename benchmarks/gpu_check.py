@@ -176,5 +176,6 @@ def loader(scratch: Path, out: Path, quick: bool) -> tuple[bool, str, float]:
                           "--workers", ",".join(map(str, sorted(workers))), "--cache-dir", str(scratch / "data")],
                out, timeout=240)
 
+
 if __name__ == "__main__":
     main()
