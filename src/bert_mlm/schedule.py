@@ -1,7 +1,7 @@
 """The learning-rate schedule: linear warm-up over `warmup_steps`, then a decay to 0 at the
 end of training (linear, cosine, or the peak until a linear cool-down over the last
-`cooldown` share, 20% by default), whether that end is a number of steps (trainer.max_steps or max_epochs) or a time budget
-(trainer.max_time), whichever comes first.
+`cooldown` share, 20% by default), whether that end is a number of steps
+(trainer.max_steps or max_epochs) or a time budget (trainer.max_time), whichever comes first.
 
 With a budget the decay follows the elapsed share of it, as Cramming's budget schedules
 do, so a run told "one hour" anneals to 0 in an hour whatever its speed. The elapsed time
