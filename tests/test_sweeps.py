@@ -53,6 +53,11 @@ def test_two_jobs_at_once_with_summary(tmp_path):
     for r in rows:
         metrics = json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
         assert float(r["val/loss"]) == metrics["after"]["val/loss"]
+    # The same table on the console, best first.
+    printed = proc.stdout[proc.stdout.index("sweep of 2 jobs, best val/loss first"):].splitlines()[1:4]
+    assert printed[0].split()[:3] == ["job", "val/loss", "val/ppl"]
+    for line, r in zip(printed[1:], rows):
+        assert line.split()[:2] == [r["job"], f"{float(r['val/loss']):.4f}"] and line.endswith(r["overrides"])
 
 
 def test_optuna_sweep(tmp_path):

@@ -1,5 +1,6 @@
 """At the end of a sweep (`python -m train -m ...`), summary.csv in the sweep folder:
-one row per job with its overrides and final val metrics, best val/loss first."""
+one row per job with its overrides and final val metrics, best val/loss first; the same
+table is printed."""
 
 import csv
 import json
@@ -12,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 METRICS = ("val/loss", "val/ppl", "val/acc")
 
 
-def summarize(sweep_dir: Path) -> Path:
+def summarize(sweep_dir: Path) -> list[dict]:
+    """Writes summary.csv and returns its rows."""
     rows = []
     for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
         metrics_file = job / "metrics.json"
@@ -34,7 +36,21 @@ def summarize(sweep_dir: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=["job", "overrides", *METRICS, "steps", "tokens_per_sec", "status"])
         writer.writeheader()
         writer.writerows(rows)
-    return path
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as aligned text for the console, overrides last (they vary in length)."""
+    def number(value, spec: str) -> str:
+        return "" if value == "" else format(value, spec)
+
+    cells = [("job", "val/loss", "val/ppl", "val/acc", "steps", "tokens/s")]
+    cells += [(r["job"], number(r["val/loss"], ".4f"), number(r["val/ppl"], ".4g"), number(r["val/acc"], ".4f"),
+               str(r["steps"]), number(r["tokens_per_sec"], ",.0f")) for r in rows]
+    overrides = ["overrides"] + [r["overrides"] + ("" if r["status"] == "done" else "  (failed: see its train.log)")
+                                 for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) + "  " + o for row, o in zip(cells, overrides))
 
 
 class SweepSummary(Callback):
@@ -43,4 +59,5 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            print(f"sweep summary: {summarize(sweep_dir)}")
+            rows = summarize(sweep_dir)
+            print(f"\nsweep of {len(rows)} jobs, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
