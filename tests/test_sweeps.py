@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from bert_mlm.errors import UserError
 from bert_mlm.parallel import SideBySide, claim_slot, cores_for, device_for
+from bert_mlm.sweep import table
 from bert_mlm.workers import available_cores
 from conftest import CONF, SMOKE, last_error, run, run_train_here
 
@@ -58,6 +59,18 @@ def test_two_jobs_at_once_with_summary(tmp_path):
     assert printed[0].split()[:3] == ["job", "val/loss", "val/ppl"]
     for line, r in zip(printed[1:], rows):
         assert line.split()[:2] == [r["job"], f"{float(r['val/loss']):.4f}"] and line.endswith(r["overrides"])
+
+
+def test_summary_table_shows_failed_and_untimed_jobs():
+    done = {"job": "0", "overrides": "model.lr=0.001", "val/loss": 6.5, "val/ppl": 665.1, "val/acc": 0.1,
+            "steps": 2, "tokens_per_sec": None, "status": "done"}  # too few steps to time
+    failed = {**done, "job": "1", "overrides": "model.lr=9", "status": "failed",
+              **dict.fromkeys(("val/loss", "val/ppl", "val/acc", "steps", "tokens_per_sec"), "")}
+    header, first, second = table([done, failed]).splitlines()
+    assert header.split() == ["job", "val/loss", "val/ppl", "val/acc", "steps", "tokens/s", "overrides"]
+    assert first.split() == ["0", "6.5000", "665.1", "0.1000", "2", "model.lr=0.001"]
+    assert second.split() == ["1", "model.lr=9", "(failed:", "see", "its", "train.log)"]
+    assert len({len(line) - len(line.lstrip()) for line in (first, second)}) == 1  # the job column aligned
 
 
 def test_optuna_sweep(tmp_path):

@@ -41,8 +41,8 @@ def summarize(sweep_dir: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The rows as aligned text for the console, overrides last (they vary in length)."""
-    def number(value, spec: str) -> str:
-        return "" if value == "" else format(value, spec)
+    def number(value, spec: str) -> str:  # "" for a failed job, None for a run too short to time
+        return "" if value in ("", None) else format(value, spec)
 
     cells = [("job", "val/loss", "val/ppl", "val/acc", "steps", "tokens/s")]
     cells += [(r["job"], number(r["val/loss"], ".4f"), number(r["val/ppl"], ".4g"), number(r["val/acc"], ".4f"),
