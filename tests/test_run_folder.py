@@ -40,7 +40,7 @@ def test_a_sweep_into_an_earlier_sweep_folder_is_refused(tmp_path):
     args = ["-m", f"hydra.sweep.dir={sweep_dir}", *SMOKE, "trainer.max_steps=2", "trainer.val_check_interval=2",
             f"data.cache_dir={tmp_path / 'cache'}"]
     first = run_train_here(tmp_path / "unused", *args)
-    assert first.returncode == 0 and "sweep of 1 jobs" in first.stdout  # its summary, though too short to time
+    assert first.returncode == 0 and "sweep of 1 job," in first.stdout  # its summary, though too short to time
     before = snapshot(sweep_dir)
     line = last_error(run_train_here(tmp_path / "unused", *args))
     assert "already holds a run" in line and str(sweep_dir / "0") in line, line

@@ -60,4 +60,5 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             rows = summarize(sweep_dir)
-            print(f"\nsweep of {len(rows)} jobs, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
+            jobs = f"{len(rows)} job" + "s" * (len(rows) != 1)
+            print(f"\nsweep of {jobs}, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
