@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import WIKITEXT  # noqa: E402
 
-from bert_mlm.workers import auto_num_workers  # noqa: E402
+from bert_mlm.workers import auto_num_workers, available_cores  # noqa: E402
 
 STEPS = ("tests", "bench", "batch", "profile", "loader")
 
@@ -105,7 +105,8 @@ def main() -> None:
     if "tests" in only:
         tests(out, rows)
         write()
-    workers = f"data.num_workers={auto_num_workers(True, os.cpu_count() or 2, 1)}"  # what a GPU run gets
+    default_workers = auto_num_workers(True, available_cores(), 1)  # what a one-GPU run gets
+    workers = f"data.num_workers={default_workers}"
     steps = ["--steps", "5", "--warmup", "2"] if args.quick else ["--steps", "30", "--warmup", "5"]
     if "bench" in only:  # BERT-base: ours against the Hugging Face recipe in bf16 (SDPA attention in both)
         ok, output, seconds = run("bench", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps,
@@ -124,7 +125,7 @@ def main() -> None:
         details += [""] + [line for line in output.splitlines() if line.startswith(("profile of", "time per step"))]
         write()
     if "loader" in only:
-        ok, output, seconds = loader(scratch, out, args.quick)
+        ok, output, seconds = loader(scratch, out, args.quick, default_workers)
         rows.append(("DataLoader", "passed" if ok else "FAILED", f"{seconds:.0f} s: the table below"))
         details += [""] + [line for line in output.splitlines() if line.startswith(("|", "corpus:"))]
         write()
@@ -166,11 +167,10 @@ def largest_batch(bench: list[str], workers: str, out: Path, batches: tuple[int,
     return ("largest batch that fits", str(batch), f"{r['tokens_per_sec']:,.0f} tokens/s, peak {r['peak_memory_gb']:.1f} GB")
 
 
-def loader(scratch: Path, out: Path, quick: bool) -> tuple[bool, str, float]:
+def loader(scratch: Path, out: Path, quick: bool, default_workers: int) -> tuple[bool, str, float]:
     """The DataLoader's sequences/s from 0 workers to the default (data.num_workers=null with
     one GPU) and all cores but one: how the masking scales with the cores."""
-    cores = os.cpu_count() or 2
-    workers = {0, 1, 2, auto_num_workers(True, cores, 1), max(1, cores - 1)}
+    workers = {0, 1, 2, default_workers, max(1, available_cores() - 1)}
     return run("loader", [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--only", "loader",
                           "--mb", "20" if quick else "200", "--seconds", "2" if quick else "5",
                           "--workers", ",".join(map(str, sorted(workers))), "--cache-dir", str(scratch / "data")],

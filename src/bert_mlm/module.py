@@ -15,7 +15,7 @@ from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
-from bert_mlm.schedule import Decay, budget_timer, lr_schedule
+from bert_mlm.schedule import COOLDOWN, Decay, budget_timer, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class MLMModule(L.LightningModule):
         eps: PositiveFloat = 1e-6,
         warmup_steps: NonNegativeInt = 100,
         decay: Decay = "linear",
-        cooldown: Annotated[float, Field(gt=0, le=1)] = 0.2,
+        cooldown: Annotated[float, Field(gt=0, le=1)] = COOLDOWN,
         attention: Literal["auto", "sdpa", "eager"] = "auto",
         matmul_precision: Literal["highest", "high", "medium"] = "high",
         compile: bool = False,

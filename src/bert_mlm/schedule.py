@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 Decay = Literal["linear", "cosine", "wsd"]
+COOLDOWN = 0.2  # wsd's default share of the decay in which the lr falls to 0 (the one measured)
 
 # The decay's shape as a function of the share of it still to go (1 -> 0) and wsd's cool-down share.
 DECAYS: dict[str, Callable[[float, float], float]] = {
@@ -29,7 +30,7 @@ DECAYS: dict[str, Callable[[float, float], float]] = {
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: float, time_share: float = 0.0,
-              decay: Decay = "linear", cooldown: float = 0.2) -> float:
+              decay: Decay = "linear", cooldown: float = COOLDOWN) -> float:
     """The share of the peak learning rate for `step`. `total_steps`: inf when only the
     budget ends training; `time_share`: the elapsed share of the budget (0 without one);
     `cooldown`: wsd's share of the decay (after warm-up) in which it falls to 0.
@@ -57,7 +58,7 @@ def lr_schedule(
     timer: Timer | None = None,
     broadcast: Callable[[float], float] = lambda x: x,
     decay: Decay = "linear",
-    cooldown: float = 0.2,
+    cooldown: float = COOLDOWN,
 ) -> LambdaLR:
     """A LambdaLR for `lr_factor`; with `timer`, the time share is its elapsed training time
     over its duration. `broadcast` hands every rank rank 0's elapsed time: each rank steps
