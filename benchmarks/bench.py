@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -127,14 +128,23 @@ class Profile(L.Callback):
         self.profiler.__exit__(None, None, None)
 
     def summary(self, steps: int) -> dict:
-        events = self.profiler.key_averages()
+        from torch.autograd import DeviceType
+
+        events = [e for e in self.profiler.key_averages() if not getattr(e, "is_user_annotation", False)]
         cuda = self.device == "cuda"
+        # Each kernel counts twice otherwise: as itself (device events) and in the op that
+        # launched it (host events). Ranges such as Lightning's "Optimizer.step" span whole steps.
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        ops = [e for e in events if e.device_type == DeviceType.CPU]
         own = "self_device_time_total" if cuda else "self_cpu_time_total"
-        top = sorted(events, key=lambda e: getattr(e, own), reverse=True)[:12]
+        top = sorted(ops, key=lambda e: getattr(e, own), reverse=True)[:12]
         return {
-            "device_busy": sum(e.self_device_time_total for e in events) / self.wall_us if cuda else None,
+            "device_busy": sum(e.self_device_time_total for e in kernels) / self.wall_us if cuda else None,
             "ms_per_step": self.wall_us / 1e3 / steps,
-            "syncs_per_step": {e.key: e.count / steps for e in events if e.key in SYNCS},
+            # On a GPU only the calls that wait for it: an op on a host tensor launches no kernel.
+            "syncs_per_step": {key: n / steps for key, n in Counter(
+                e.key for e in self.profiler.events() if e.key in SYNCS
+                and (not cuda or e.key.startswith("cuda") or e.device_time_total > 0)).items()},
             "top": [(e.key, getattr(e, own) / 1e3 / steps) for e in top],  # ms per step
         }
 
@@ -292,7 +302,7 @@ def main() -> None:
             p = r["profile"]
             busy = f", device busy {p['device_busy']:.0%} of the wall time" if p["device_busy"] is not None else ""
             print(f"\nprofile of {runner} (slowed by the profiler): {p['ms_per_step']:.1f} ms per step{busy}; "
-                  "host waits per step: " + (", ".join(f"{k} {v:g}" for k, v in p["syncs_per_step"].items()) or "none"))
+                  "host waits per step (calls): " + (", ".join(f"{k} {v:g}" for k, v in p["syncs_per_step"].items()) or "none"))
             print("time per step by op (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in p["top"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "flops_per_token": fpt}, indent=2))

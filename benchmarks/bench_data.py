@@ -323,8 +323,12 @@ def table(rows: list[dict], corpus_mb: float) -> list[str]:
 def in_own_process(spec: dict) -> dict:
     print(f"{spec['label']} ...", flush=True)
     # One tokenizer thread per process: one process is one core.
-    return run_worker([sys.executable, __file__, "--worker", json.dumps(spec)], spec["label"],
-                      env={"TOKENIZERS_PARALLELISM": "false"})
+    result = run_worker([sys.executable, __file__, "--worker", json.dumps(spec)], spec["label"],
+                        env={"TOKENIZERS_PARALLELISM": "false"})
+    # As it is measured: a run cut short by a time-out keeps the rows it had.
+    rate = f"{result['sequences_per_sec']:,.0f} seq/s" if "sequences_per_sec" in result else ""
+    print(f"{spec['label']}: {rate} {result.get('seconds', 0):.1f} s", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None, run: Callable[[dict], dict] = in_own_process) -> None:
