@@ -118,7 +118,7 @@ def main() -> None:
         details += [line for line in output.splitlines() if line.startswith(("|", "(TFLOP/s", "model FLOPs"))]
         write()
     if "batch" in only:
-        rows.append(largest_batch(bench, workers, out, (64, 128) if args.quick else (512, 1024, 2048, 4096)))
+        rows.append(largest_batch(bench, workers, out, (64, 128) if args.quick else (1024, 2048, 4096)))
         write()
     if "profile" in only:  # where the time goes (profiled, so slower than the benchmark)
         ok, output, _ = run("profile", [*bench, "--batch", str(args.batch), "--rounds", "1", *steps, "--runners",
@@ -174,7 +174,7 @@ def loader(scratch: Path, out: Path, quick: bool, default_workers: int) -> tuple
     one GPU) and all cores but one: how the masking scales with the cores."""
     workers = {0, 1, 2, default_workers, max(1, available_cores() - 1)}
     return run("loader", [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--only", "loader",
-                          "--mb", "20" if quick else "200", "--seconds", "2" if quick else "5",
+                          "--mb", "20" if quick else "50", "--seconds", "2" if quick else "5",
                           "--workers", ",".join(map(str, sorted(workers))), "--cache-dir", str(scratch / "data")],
                out, timeout=240)
 
