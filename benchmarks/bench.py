@@ -110,8 +110,16 @@ class Profile(L.Callback):
 
     def __init__(self, warmup: int, device: str):
         self.warmup, self.device = warmup, device
+        self.between_s, self.batch_end = 0.0, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batch_end = time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        # The host's time from one step's end to the next one's start: the next batch and its
+        # copy, Lightning's loop. Where it is long and the GPU idle, the data does not keep up.
+        if batch_idx > self.warmup:
+            self.between_s += time.perf_counter() - self.batch_end
         if batch_idx == self.warmup:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device == "cuda":
@@ -141,6 +149,7 @@ class Profile(L.Callback):
         return {
             "device_busy": sum(e.self_device_time_total for e in kernels) / self.wall_us if cuda else None,
             "ms_per_step": self.wall_us / 1e3 / steps,
+            "ms_between_steps": self.between_s * 1e3 / max(steps - 1, 1),
             # On a GPU only the calls that wait for it: an op on a host tensor launches no kernel.
             "syncs_per_step": {key: n / steps for key, n in Counter(
                 e.key for e in self.profiler.events() if e.key in SYNCS
@@ -301,7 +310,8 @@ def main() -> None:
         if "profile" in r:
             p = r["profile"]
             busy = f", device busy {p['device_busy']:.0%} of the wall time" if p["device_busy"] is not None else ""
-            print(f"\nprofile of {runner} (slowed by the profiler): {p['ms_per_step']:.1f} ms per step{busy}; "
+            print(f"\nprofile of {runner} (slowed by the profiler): {p['ms_per_step']:.1f} ms per step{busy}, "
+                  f"{p['ms_between_steps']:.1f} ms of it on the host between steps (the next batch, Lightning); "
                   "host waits per step (calls): " + (", ".join(f"{k} {v:g}" for k, v in p["syncs_per_step"].items()) or "none"))
             print("time per step by op (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in p["top"]))
     if args.out:

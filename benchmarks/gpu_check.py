@@ -141,7 +141,7 @@ def main() -> None:
 def tests(out: Path, rows: list) -> None:
     """The tests marked gpu, one row each."""
     junit = out / "gpu-tests.xml"
-    run("gpu-tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v",
+    run("gpu-tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "--durations=0",
                       f"--junitxml={junit}"], out, timeout=330)
     if junit.is_file():
         for case in ET.parse(junit).iter("testcase"):
