@@ -38,3 +38,18 @@ def test_no_rows_gives_zero_and_an_empty_gradient():
     loss = summed_cross_entropy(logits, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and logits.grad.shape == (0, V)
+
+
+def test_with_bf16_as_the_default_dtype():
+    # Lightning's trainer.precision=bf16-true makes bf16 the default dtype while a step runs.
+    logits = torch.randn(7, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    expected = F.cross_entropy(logits.float(), targets, reduction="sum")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        loss = summed_cross_entropy(logits, targets)
+        loss.backward()
+    finally:
+        torch.set_default_dtype(default)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and logits.grad.dtype == torch.bfloat16

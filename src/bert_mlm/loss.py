@@ -25,7 +25,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
                 total += (logsumexp - x.gather(1, target)).sum()
                 if grad is not None:  # d loss / d logits = softmax - one_hot(target)
                     probs = x.sub_(logsumexp).exp_()
-                    minus_one = torch.full(target.shape, -1.0, device=x.device)
+                    minus_one = torch.full(target.shape, -1.0, dtype=x.dtype, device=x.device)
                     grad[start : start + rows] = probs.scatter_add_(1, target, minus_one)
         ctx.save_for_backward(grad)
         return total
