@@ -40,7 +40,8 @@ def _check_launch(cfg: DictConfig) -> None:
 
 
 def _val_metrics(results: list[dict]) -> dict[str, float]:
-    return {k: float(v) for k, v in results[0].items()}
+    """Nothing where validation is off (trainer.limit_val_batches=0)."""
+    return {k: float(v) for k, v in results[0].items()} if results else {}
 
 
 def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:
@@ -213,7 +214,7 @@ def main(cfg: DictConfig) -> float:
             if cfg.prepare_only:
                 return prepare(cfg)
             metrics = train(cfg, [slurm_warning] if slurm_warning else [])
-            return metrics["after"]["val/loss"]  # what a sweeper minimises
+            return metrics["after"].get("val/loss")  # what a sweeper minimises
         except Requeue as requeue:  # last.ckpt is saved: now the job can end
             _stopped(cfg, f"SLURM's warning ({SIGNAL.name})")
             requeue.requeue()

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bert_mlm.launch import launched_as_global_zero
+from bert_mlm.errors import UserError
+from bert_mlm.launch import check, launched_as_global_zero
 from bert_mlm.preflight import Preflight
 from conftest import (CONF, SMOKE, assert_same, final_state, last_error, run_train, run_train_here, saved_step,
                       steps_shown, wait_for)
@@ -224,6 +225,13 @@ def test_only_global_rank_zero_clears_a_folder_others_check_it(tmp_path, monkeyp
     monkeypatch.setenv("NODE_RANK", "0")
     Preflight().on_run_start(replace)
     assert not (run_dir / "hf_model").exists()
+
+
+def test_strategies_that_start_processes_per_call_are_refused():
+    for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+        with pytest.raises(UserError, match=f"trainer.strategy={strategy} is not supported: use trainer=ddp"):
+            check(strategy, multirun=False, run_dir_given=True)
+    check("ddp", multirun=False, run_dir_given=True)
 
 
 def test_processes_started_together(tmp_path, monkeypatch):

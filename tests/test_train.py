@@ -122,6 +122,21 @@ def test_lightning_debugging_flags(tmp_path):
     assert "Training (epoch" not in proc.stdout + proc.stderr and "Total params" not in proc.stdout
 
 
+def test_lightning_loop_options(tmp_path):
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    # Lightning's sanity check runs before on_train_start; overfit_batches brings its own sampler.
+    proc = run_train(tmp_path / "a", *SMOKE, "trainer.num_sanity_val_steps=2", "trainer.overfit_batches=2", cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["after"]["val/loss"] < metrics["before"]["val/loss"]
+    # Validation off: nothing to compare, said so.
+    proc = run_train(tmp_path / "b", *SMOKE, "trainer.limit_val_batches=0", cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["before"] == metrics["after"] == {} and metrics["steps"] == 10
+    assert "no validation (trainer.limit_val_batches=0)" in proc.stdout
+
+
 def test_own_vocabulary(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, *SMOKE, "tokenizer.train=true", "tokenizer.vocab_size=1500",

@@ -48,13 +48,14 @@ class WithMaskSeeds(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        return {**self.dataset[index], "mask_seed": mask_seed(self.seed, epoch, index)}
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+    def __getitems__(self, keys: list[tuple[int, int] | int]) -> list[dict]:
         """A batch's examples (the DataLoader asks for them together): from a `datasets`
-        Dataset in one look-up rather than one per example."""
+        Dataset in one look-up rather than one per example. A plain index is epoch 0's:
+        what a sampler other than ours gives (trainer.overfit_batches: the same masks each time)."""
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
         many = getattr(self.dataset, "__getitems__", None)
         rows = many([index for _, index in keys]) if many else [self.dataset[index] for _, index in keys]
         return [{**row, "mask_seed": mask_seed(self.seed, epoch, index)} for row, (epoch, index) in zip(rows, keys)]

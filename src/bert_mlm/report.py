@@ -24,9 +24,12 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
     before, after = metrics["before"], metrics["after"]
     rate = metrics["train/tokens_per_sec"]
     print()
-    print(f"{'':9}{'before':>11}{'after':>11}")
-    for name in ("val/loss", "val/ppl", "val/acc"):
-        print(f"{name:9}{before[name]:11.4g}{after[name]:11.4g}")
+    if after:
+        print(f"{'':9}{'before':>11}{'after':>11}")
+        for name in ("val/loss", "val/ppl", "val/acc"):
+            print(f"{name:9}{before[name]:11.4g}{after[name]:11.4g}")
+    else:
+        print("no validation (trainer.limit_val_batches=0)")
     print(f"{metrics['steps']} steps in {metrics['wall_s']:.0f} s"
           + (f", {rate:,.0f} tokens/s" if rate else "") + f", {metrics['world_size']} process(es)")
     print(f"run folder: {output_dir}")

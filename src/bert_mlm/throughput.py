@@ -24,6 +24,7 @@ class Throughput(L.Callback):
         self.warmup_batches = warmup_batches
         self.peak_tflops = peak_tflops
         self.tokens_per_sec: float | None = None
+        self._start = None  # also read by Lightning's sanity check, which comes before on_train_start
 
     def on_train_start(self, trainer, pl_module):
         self._batches = 0
