@@ -11,6 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -189,6 +190,8 @@ def _user_message(err: BaseException) -> str | None:
     while err is not None:  # Hydra's instantiate wraps what a constructor raised
         if isinstance(err, UserError):
             return str(err)
+        if isinstance(err, MisconfigurationException):  # Lightning's word on a trainer.* setting
+            return " ".join(str(err).split())
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
                     "space (checkpoints are written whole or not at all: the last complete one is intact)")

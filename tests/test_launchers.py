@@ -229,7 +229,7 @@ def test_only_global_rank_zero_clears_a_folder_others_check_it(tmp_path, monkeyp
 
 def test_strategies_that_start_processes_per_call_are_refused():
     for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
-        with pytest.raises(UserError, match=f"trainer.strategy={strategy} is not supported: use trainer=ddp"):
+        with pytest.raises(UserError, match=f"trainer.strategy={strategy} is not supported: use trainer.strategy=ddp"):
             check(strategy, multirun=False, run_dir_given=True)
     check("ddp", multirun=False, run_dir_given=True)
 

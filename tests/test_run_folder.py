@@ -23,6 +23,9 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     assert "already holds a run" in line and "ckpt_path=last" in line and "overwrite=true" in line, line
     assert "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before  # its .hydra/ config record included
+    # The same folder given as output_dir, Hydra's own files going elsewhere: refused the same.
+    proc = run_train_here(tmp_path / "elsewhere", *args, f"output_dir={run_dir}")
+    assert "already holds a run" in last_error(proc) and snapshot(run_dir) == before
 
     # Resuming it with a bad value: refused before Hydra rewrites its .hydra/ record.
     proc = run_train_here(run_dir, *args, "ckpt_path=last", "model.lr=-1")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import SMOKE, run_train, run_train_here
+from conftest import SMOKE, last_error, run_train, run_train_here
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,11 @@ def test_lightning_loop_options(tmp_path):
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["before"] == metrics["after"] == {} and metrics["steps"] == 10
     assert "no validation (trainer.limit_val_batches=0)" in proc.stdout
+    # A setting Lightning rejects once it sees the data (6 validation batches here): its word, on one line.
+    proc = run_train_here(tmp_path / "c", *SMOKE, "trainer.limit_val_batches=0.1", cache)
+    line = last_error(proc)
+    assert proc.returncode == 2 and line.startswith("error: ") and "limit_val_batches" in line, line
+    assert "Traceback" not in proc.stderr
 
 
 def test_own_vocabulary(tmp_path):

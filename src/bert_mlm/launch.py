@@ -47,8 +47,8 @@ def check(strategy: str | None, multirun: bool, run_dir_given: bool) -> None:
     if any(start in str(strategy) for start in ("spawn", "fork", "notebook")):
         # A run validates, fits and validates again: three Lightning calls, each of which would
         # start its own processes (and they fail to start from here: "bad value(s) in fds_to_keep").
-        raise UserError(f"trainer.strategy={strategy} is not supported: use trainer=ddp, which starts "
-                        "one process per device once")
+        raise UserError(f"trainer.strategy={strategy} is not supported: use trainer.strategy=ddp (as "
+                        "trainer=ddp sets it), which starts one process per device once")
     if multirun and str(strategy).startswith("ddp"):
         # Lightning's DDP re-runs the script for each rank, which a Hydra sweep cannot
         # survive: the ranks hang (Lightning issue 11300, revert in PR 15737).

@@ -49,7 +49,9 @@ def refuse(err: UserError):
 
 class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        folder = Path(OmegaConf.select(config, "hydra.run.dir"))
+        # The run folder: Hydra's, unless output_dir was given in its place.
+        given = not OmegaConf.is_interpolation(config, "output_dir")
+        folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
         cfg = config.copy()
         with open_dict(cfg):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
