@@ -65,7 +65,7 @@ def test_groups_pick_what_they_say(cfg_of):
 # The Trainer arguments conf/trainer/default.yaml lists with Lightning's own defaults.
 LIGHTNING_KEYS = ["strategy", "num_nodes", "max_time", "limit_train_batches", "limit_val_batches", "fast_dev_run",
                   "overfit_batches", "profiler", "deterministic", "benchmark", "detect_anomaly",
-                  "enable_progress_bar", "enable_model_summary"]
+                  "gradient_clip_algorithm", "inference_mode", "enable_progress_bar", "enable_model_summary"]
 
 
 def test_common_trainer_arguments_are_set_without_a_plus(cfg_of):

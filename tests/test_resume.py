@@ -72,6 +72,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
 
     resumed = run_train(run_dir, *RUN, cache, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: resuming is why
     assert_same(final_state(run_dir), straight_run)
     # One last.ckpt, always the newest; besides it only the best by val/loss.
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
