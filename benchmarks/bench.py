@@ -136,14 +136,12 @@ class Profile(L.Callback):
         self.profiler.__exit__(None, None, None)
 
     def summary(self, steps: int) -> dict:
-        from torch.autograd import DeviceType
-
         events = [e for e in self.profiler.key_averages() if not getattr(e, "is_user_annotation", False)]
         cuda = self.device == "cuda"
         # Each kernel counts twice otherwise: as itself (device events) and in the op that
         # launched it (host events). Ranges such as Lightning's "Optimizer.step" span whole steps.
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-        ops = [e for e in events if e.device_type == DeviceType.CPU]
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
         own = "self_device_time_total" if cuda else "self_cpu_time_total"
         top = sorted(ops, key=lambda e: getattr(e, own), reverse=True)[:12]
         return {

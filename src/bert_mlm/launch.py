@@ -44,7 +44,7 @@ def launched_as_global_zero() -> bool:
 
 
 def check(strategy: str | None, multirun: bool, run_dir_given: bool) -> None:
-    if any(start in str(strategy) for start in ("spawn", "fork", "notebook")):
+    if any(kind in str(strategy) for kind in ("spawn", "fork", "notebook")):
         # A run validates, fits and validates again: three Lightning calls, each of which would
         # start its own processes (and they fail to start from here: "bad value(s) in fds_to_keep").
         raise UserError(f"trainer.strategy={strategy} is not supported: use trainer.strategy=ddp (as "
