@@ -23,6 +23,11 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     assert "already holds a run" in line and "ckpt_path=last" in line and "overwrite=true" in line, line
     assert "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before  # its .hydra/ config record included
+    # Another run's checkpoint starts a new run: it must not replace this one either.
+    other = tmp_path / "other.ckpt"
+    other.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    proc = run_train_here(run_dir, *args, f"ckpt_path={other}", "trainer.max_steps=20")
+    assert "already holds a run" in last_error(proc) and snapshot(run_dir) == before
     # The same folder given as output_dir, Hydra's own files going elsewhere: refused the same.
     proc = run_train_here(tmp_path / "elsewhere", *args, f"output_dir={run_dir}")
     assert "already holds a run" in last_error(proc) and snapshot(run_dir) == before

@@ -23,6 +23,14 @@ def holds_run(folder: Path) -> bool:
             or any((folder / "checkpoints").glob("*.ckpt")))
 
 
+def resumes(ckpt_path: str | None, folder: Path) -> bool:
+    """Whether a run goes on from a checkpoint of the run in `folder`: ckpt_path=last or a file
+    in it. Another run's checkpoint starts a new run here, which must not replace this one."""
+    if ckpt_path is None:
+        return False
+    return ckpt_path == "last" or Path(ckpt_path).resolve().is_relative_to(folder.resolve())
+
+
 def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> None:
     """Refuses a folder holding an earlier run unless the run resumes it or replaces it
     (`overwrite`), and then clears that run's outputs if `clear`."""
@@ -62,7 +70,7 @@ class Preflight(Callback):
             # time-out); they reach it before any writes a checkpoint. Only the global rank
             # 0 clears it: by RANK, SLURM_PROCID, or NODE_RANK and LOCAL_RANK, as the launcher
             # sets them (the first process on each machine has LOCAL_RANK 0).
-            resuming = config.ckpt_path is not None or requeued_checkpoint(folder) is not None
+            resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
             claim(folder, resuming, config.overwrite, clear=launched_as_global_zero())
         except UserError as err:
             refuse(err)
@@ -71,6 +79,6 @@ class Preflight(Callback):
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         try:  # each job's settings are checked when it builds
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
-                claim(job, config.ckpt_path is not None, config.overwrite)
+                claim(job, resumes(config.ckpt_path, job), config.overwrite)
         except UserError as err:
             refuse(err)
