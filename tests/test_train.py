@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -103,6 +104,26 @@ def test_fill_mask_command(smoke_run, capsys):
     proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
     assert "Loading weights" not in proc.stderr  # the model loaded before the error, with no bar
+
+
+def test_fill_mask_bad_input(smoke_run, tmp_path, capsys):
+    import fill_mask as command
+
+    run_dir, _ = smoke_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    cases = [(tmp_path / "empty", "a [MASK]", "error: could not load a model from"),
+             (tmp_path / "bad.ckpt", "a [MASK]", "cannot be read as a checkpoint"),
+             (run_dir, "word " * 600 + "[MASK]", "tokens: the model reads at most 512")]
+    for source, text, expected in cases:
+        with pytest.raises(SystemExit) as exit:
+            command.main([str(source), text])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit.value.code == 2 and line.startswith("error: ") and expected in line, line
+    # More guesses than the vocabulary has: all of them.
+    command.main([str(run_dir), "a [MASK]", "--top-k", "100000"])
+    vocab = json.loads((run_dir / "hf_model" / "config.json").read_text())["vocab_size"]
+    assert len(re.findall(r"\(\d\.\d{3}\)", capsys.readouterr().out.splitlines()[1])) == vocab
 
 
 @pytest.mark.gpu

@@ -60,6 +60,12 @@ def _builder(files: list[str]) -> str:
     return builders.pop()
 
 
+def not_utf8(err: UnicodeDecodeError) -> UserError:
+    """Read at once, or (data.streaming=true) as the stream reaches it."""
+    return UserError(f"a data file is not UTF-8 text ({err.reason} at byte {err.start}): convert it, "
+                     "e.g. iconv -f latin1 -t utf-8, or leave it out of data.train_files / data.val_files")
+
+
 def text_files(
     train_files: list[str], val_files: list[str] | None, cache_dir: str | None, streaming: bool = False
 ) -> Corpus:
@@ -78,10 +84,7 @@ def text_files(
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            raise UserError(
-                f"a data file is not UTF-8 text ({cause.reason} at byte {cause.start}): convert it, "
-                "e.g. iconv -f latin1 -t utf-8, or leave it out of data.train_files / data.val_files"
-            ) from err
+            raise not_utf8(cause) from err
         raise UserError(f"could not read data files {data_files}: {err}") from err
 
 

@@ -124,6 +124,9 @@ class MLMDataModule(L.LightningDataModule):
     ):
         """The ranges in the annotations are checked with the rest of the config (checks.py)."""
         super().__init__()
+        if corpus != "text" and (train_files or val_files):  # else silently not read
+            raise UserError(f"data.train_files and data.val_files are read with data=text, not with this "
+                            f"run's data={corpus}: add data=text")
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.train_files, self.val_files = train_files, val_files
