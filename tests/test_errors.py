@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from bert_mlm.pretrained import load_tokenizer
-from conftest import SMOKE, last_error, run_train, run_train_here
+from conftest import ROOT, SMOKE, last_error, run_train, run_train_here
+
+README = ROOT / "README.md"
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
@@ -91,13 +93,19 @@ def test_bad_input_gives_one_error_line(tmp_path, case):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
-def test_resuming_another_model_size(tmp_path):
+def test_resuming_with_other_model_or_data_settings(tmp_path):
     run_dir = tmp_path / "run"
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     assert run_train(run_dir, *SMOKE, cache).returncode == 0
     last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     proc = run_train_here(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
     assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
+    # Other batches, or other data: the saved DataLoader position would not be this run's.
+    more = ["ckpt_path=last", "trainer.max_steps=20"]
+    proc = run_train_here(run_dir, *SMOKE, cache, "data.batch_size=4", *more)
+    assert last_error(proc).startswith("error: the checkpoint's run was trained with data.batch_size=8")
+    proc = run_train_here(run_dir, *SMOKE, cache, "data=text", f"data.train_files=[{README}]", *more)
+    assert "data.corpus=pydocs" in last_error(proc)
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
 
 

@@ -138,6 +138,14 @@ class MLMDataModule(L.LightningDataModule):
         self.val_max_blocks = val_max_blocks
         self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir
+        # What makes the batches and their masks: a resumed run must have the same (load_state_dict).
+        self.settings = {"corpus": corpus, "train_files": [str(f) for f in train_files or []],
+                         "val_files": [str(f) for f in val_files or []], "text_column": text_column,
+                         "val_percent": val_percent, "hub_dataset": hub_dataset, "hub_config": hub_config,
+                         "max_length": max_length, "packing": packing, "batch_size": batch_size,
+                         "streaming": streaming, "mlm_probability": mlm_probability,
+                         "whole_word_mask": whole_word_mask, "mask_prob": mask_prob, "random_prob": random_prob,
+                         "seed": seed}
         masking = dict(
             mask_token_id=tokenizer.mask_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -163,6 +171,14 @@ class MLMDataModule(L.LightningDataModule):
         else:
             raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir, self.streaming)
         return corpus.with_validation(raw, self.text_column, self.val_percent, self.val_rows, self.seed)
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings}  # in each checkpoint, beside the DataLoader's position
+
+    def changed_settings(self, state: dict) -> list[str]:
+        """The settings of a checkpoint's run (its state_dict) that this one does not share."""
+        saved = state.get("settings", {})
+        return [f"data.{k}={saved[k]}" for k in saved if self.settings.get(k) != saved[k]]
 
     def train_texts(self, batch_size: int = 1000):
         """The training text, in lists of up to `batch_size` lines (to train a tokenizer on)."""

@@ -1,5 +1,5 @@
 """Resuming: which checkpoint `ckpt_path` names (or a requeued SLURM job resumes from), and
-whether it fits the model."""
+whether it fits the model and the data."""
 
 import logging
 import os
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from bert_mlm.errors import UserError
+from bert_mlm.data import MLMDataModule
 from bert_mlm.module import MLMModule
 from bert_mlm.requeue import requeued_checkpoint
 
@@ -27,10 +28,13 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def check_fits(ckpt_path: str, module: MLMModule) -> None:
-    """Refuses a checkpoint that cannot be read, or of another model size, before training starts."""
+def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule) -> None:
+    """Refuses a checkpoint that cannot be read, of another model size, or of a run on other
+    data settings (its DataLoader position would be restored over other batches), before
+    anything runs."""
     try:
-        saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        saved = checkpoint["state_dict"]
     except Exception as err:  # not a zip of tensors, cut short, or no model in it: unusable alike
         raise UserError(
             f"{ckpt_path} (ckpt_path) cannot be read as a checkpoint: it is not one, or was cut short by an "
@@ -43,3 +47,8 @@ def check_fits(ckpt_path: str, module: MLMModule) -> None:
             f"checkpoint {ckpt_path} is of another model ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
             "resume with the model settings it was trained with"
         )
+    # Lightning keeps a datamodule's state_dict under its class name (none in older checkpoints).
+    changed = datamodule.changed_settings(checkpoint.get(type(datamodule).__qualname__, {}))
+    if changed:
+        raise UserError(f"the checkpoint's run was trained with {', '.join(changed)}: resume with its data "
+                        "settings, or start a new run from its weights (model.pretrained=<run>/hf_model)")
