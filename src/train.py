@@ -159,7 +159,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
     module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
-        resume.check_fits(ckpt_path, module, datamodule)
+        resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps)
 
     before = _val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()

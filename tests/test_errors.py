@@ -97,7 +97,7 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     run_dir = tmp_path / "run"
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     assert run_train(run_dir, *SMOKE, cache).returncode == 0
-    last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    last, metrics = (run_dir / "checkpoints" / "last.ckpt").read_bytes(), (run_dir / "metrics.json").read_text()
     proc = run_train_here(run_dir, *SMOKE, cache, "model.hidden_size=64", "ckpt_path=last")
     assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
     # Other batches, or other data: the saved DataLoader position would not be this run's.
@@ -106,7 +106,11 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     assert last_error(proc).startswith("error: the checkpoint's run was trained with data.batch_size=8")
     proc = run_train_here(run_dir, *SMOKE, cache, "data=text", f"data.train_files=[{README}]", *more)
     assert "data.corpus=pydocs" in last_error(proc)
+    # Already at its end: nothing to train, and its figures stay as they are.
+    proc = run_train_here(run_dir, *SMOKE, cache, "ckpt_path=last")
+    assert last_error(proc).endswith("is at step 10, the run's end (trainer.max_steps=10): raise trainer.max_steps to train on")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert (run_dir / "metrics.json").read_text() == metrics
 
 
 def test_fill_mask_refuses_top_k_of_0(capsys):

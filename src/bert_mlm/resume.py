@@ -28,10 +28,10 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule) -> None:
-    """Refuses a checkpoint that cannot be read, of another model size, or of a run on other
-    data settings (its DataLoader position would be restored over other batches), before
-    anything runs."""
+def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max_steps: int) -> None:
+    """Refuses a checkpoint that cannot be read, of another model size, of a run on other
+    data settings (its DataLoader position would be restored over other batches), or already
+    at `max_steps` (nothing to train: metrics.json would be rewritten empty), before anything runs."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         saved = checkpoint["state_dict"]
@@ -52,3 +52,6 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule) -> 
     if changed:
         raise UserError(f"the checkpoint's run was trained with {', '.join(changed)}: resume with its data "
                         "settings, or start a new run from its weights (model.pretrained=<run>/hf_model)")
+    if 0 < max_steps <= checkpoint["global_step"]:
+        raise UserError(f"{ckpt_path} is at step {checkpoint['global_step']}, the run's end (trainer.max_steps="
+                        f"{max_steps}): raise trainer.max_steps to train on")
