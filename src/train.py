@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -232,6 +233,8 @@ def main(cfg: DictConfig) -> float:
             if message is None:
                 raise
             print(f"error: {message}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:  # this job only: the sweep goes on
+                return math.nan  # a failed trial to Optuna; summary.csv marks the job failed
             sys.exit(2)
 
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError
-from bert_mlm.launch import launched_as_global_zero
+from bert_mlm.launch import check, launched_as_global_zero
 from bert_mlm.requeue import requeued_checkpoint
 
 # What a run writes into its folder; `overwrite=true` removes these first.
@@ -77,7 +77,8 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        try:  # each job's settings are checked when it builds
+        try:  # each job's settings are checked when it builds: a job that fails them fails alone
+            check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
                 claim(job, resumes(config.ckpt_path, job), config.overwrite)
         except UserError as err:

@@ -5,6 +5,7 @@ table is printed."""
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -47,7 +48,7 @@ def table(rows: list[dict]) -> str:
     cells = [("job", "val/loss", "val/ppl", "val/acc", "steps", "tokens/s")]
     cells += [(r["job"], number(r["val/loss"], ".4f"), number(r["val/ppl"], ".4g"), number(r["val/acc"], ".4f"),
                str(r["steps"]), number(r["tokens_per_sec"], ",.0f")) for r in rows]
-    overrides = ["overrides"] + [r["overrides"] + ("" if r["status"] == "done" else "  (failed: see its train.log)")
+    overrides = ["overrides"] + [r["overrides"] + ("" if r["status"] == "done" else "  (failed)")
                                  for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) + "  " + o for row, o in zip(cells, overrides))
@@ -62,3 +63,8 @@ class SweepSummary(Callback):
             rows = summarize(sweep_dir)
             jobs = f"{len(rows)} job" + "s" * (len(rows) != 1)
             print(f"\nsweep of {jobs}, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
+            failed = sum(r["status"] == "failed" for r in rows)
+            if failed:
+                print(f"error: {failed} of {jobs} failed: their error lines are above, their logs in "
+                      "their folders", file=sys.stderr)
+                sys.exit(1)
