@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_values("--", Options, {"top-k": args.top_k})
         texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+        if not texts:
+            raise UserError("no text: give one with [MASK] after the model, or lines of them on stdin")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but no GPU is visible: use --device cpu")
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"

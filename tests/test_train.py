@@ -103,6 +103,8 @@ def test_fill_mask_command(smoke_run, capsys):
     # ... and as a user runs it, reading stdin.
     proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
+    proc = fill_mask(str(run_dir), stdin="\n")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no text: give one")
     assert "Loading weights" not in proc.stderr  # the model loaded before the error, with no bar
 
 
