@@ -138,7 +138,7 @@ class MLMDataModule(L.LightningDataModule):
         self.val_max_blocks = val_max_blocks
         self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir
-        # What makes the batches and their masks: a resumed run must have the same (load_state_dict).
+        # What makes the batches and their masks: a resumed run must have the same (resume.check_fits).
         self.settings = {"corpus": corpus, "train_files": [str(f) for f in train_files or []],
                          "val_files": [str(f) for f in val_files or []], "text_column": text_column,
                          "val_percent": val_percent, "hub_dataset": hub_dataset, "hub_config": hub_config,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from bert_mlm.errors import UserError
 from bert_mlm.data import MLMDataModule
+from bert_mlm.errors import UserError
 from bert_mlm.module import MLMModule
 from bert_mlm.requeue import requeued_checkpoint
 
