@@ -8,8 +8,9 @@
 #   PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD/src python3 benchmarks/gpu_check.py --out /tmp/gc
 # Where one command may run 10 minutes at most: `timeout 560 ... --only tests,bench`, then
 # `--only batch,profile,loader`, copying gpu-check.md and the logs wanted after each.
-# Seen on a lent H200 (2026-11-30): it started in about 30 s; the GPU tests took over 4
-# minutes, the eager bench against HF 84 s, a compiled bench of ours alone 141 s.
+# Seen on a lent H200 (2026-11-30): it started in about 30 s; the GPU tests, one after
+# another, had not finished after 190 s; the eager bench against HF took 84 s, a compiled
+# bench of ours alone 141 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -142,8 +142,8 @@ def main() -> None:
 def tests(out: Path, rows: list) -> None:
     """The tests marked gpu, one row each."""
     junit = out / "gpu-tests.xml"
-    # Side by side where pytest-xdist is installed: one after another they took over 4 minutes
-    # on an H200, where each uses a sliver of the GPU and waits mostly on its process's start.
+    # Side by side where pytest-xdist is installed: one after another they had not finished
+    # after 190 s on an H200, where each uses a sliver of the GPU.
     parallel = ["-n", "5"] if importlib.util.find_spec("xdist") else []
     run("gpu-tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "--durations=0",
                       *parallel, f"--junitxml={junit}"], out, timeout=330)
