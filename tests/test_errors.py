@@ -42,8 +42,11 @@ CASES = {
     "model path missing": (["model.pretrained={d}/no-such-model"], "no-such-model"),
     "text column missing": (["data=text", "data.train_files=[{d}/data.csv]", "data.text_column=text"], "data.text_column"),
     "json without the text column": (["data=text", "data.train_files=[{d}/data.jsonl]"], "data.text_column"),
-    "binary file": (["data=text", "data.train_files=[{d}/binary.txt]"], "UTF-8"),
-    "binary file streamed": (["data=text", "data.train_files=[{d}/binary.txt]", "data.streaming=true"], "UTF-8"),
+    # named, with the byte where it stops being UTF-8 (bytes(range(256)): 0x80)
+    "binary file": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]"], "binary.txt' is not UTF-8 text (at byte 128)"),
+    "binary file streamed": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]", "data.streaming=true"],
+                             "binary.txt' is not UTF-8 text (at byte 128)"),
+    "no training batches": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: input should be greater than 0"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
     "cache folder that is a file": (["data.cache_dir={d}/text.txt"], "text.txt is a file where a folder is needed"),
     "tokenizer larger than the embeddings": (

@@ -62,3 +62,13 @@ def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepared" in proc.stdout and "training and" in proc.stdout
     assert not holds_run(run_dir) and any(cache.rglob("cache-*.arrow"))
+
+
+def test_a_run_or_sweep_folder_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("earlier work")
+    line = last_error(run_train_here(file, *SMOKE))
+    assert line == f"error: the run folder {file} is a file: give a folder (hydra.run.dir=...)"
+    line = last_error(run_train_here(None, "-m", f"hydra.sweep.dir={file}", *SMOKE))
+    assert line == f"error: the sweep folder {file} is a file: give a folder (hydra.sweep.dir=...)"
+    assert file.read_text() == "earlier work"

@@ -57,7 +57,7 @@ LIGHTNING_RANGES: dict[type, dict[str, Any]] = {
         "gradient_clip_val": NonNegativeFloat | None,
         "gradient_clip_algorithm": Literal["norm", "value"] | None,
         "num_sanity_val_steps": Annotated[int, Field(ge=-1)] | None,  # -1: all
-        "limit_train_batches": CountOrShare | None,
+        "limit_train_batches": PositiveInt | Annotated[float, Field(gt=0, le=1)] | None,  # 0 would train nothing
         "limit_val_batches": CountOrShare | None,
         "limit_test_batches": CountOrShare | None,
         "limit_predict_batches": CountOrShare | None,

@@ -1,5 +1,6 @@
 """The raw text: a DatasetDict with `train` and `validation` splits and one `text` column."""
 
+import codecs
 from pathlib import Path
 
 import datasets
@@ -60,10 +61,28 @@ def _builder(files: list[str]) -> str:
     return builders.pop()
 
 
-def not_utf8(err: UnicodeDecodeError) -> UserError:
+def _first_not_utf8(files: list[str]) -> tuple[str, int] | None:
+    """The first of `files` that is not UTF-8, and the byte where it stops being so. Only on
+    the error's path: `datasets` reports the byte within the chunk it was reading, not the file."""
+    for name in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    return name, offset + err.start
+                offset += len(chunk)
+    return None
+
+
+def not_utf8(err: UnicodeDecodeError, files: list[str]) -> UserError:
     """Read at once, or (data.streaming=true) as the stream reaches it."""
-    return UserError(f"a data file is not UTF-8 text ({err.reason} at byte {err.start}): convert it, "
-                     "e.g. iconv -f latin1 -t utf-8, or leave it out of data.train_files / data.val_files")
+    found = _first_not_utf8(files)
+    where = f"data file '{found[0]}' is not UTF-8 text (at byte {found[1]:,})" if found else (
+        f"a data file is not UTF-8 text ({err.reason})")
+    return UserError(f"{where}: convert it, e.g. iconv -f latin1 -t utf-8, or leave it out of "
+                     "data.train_files / data.val_files")
 
 
 def text_files(
@@ -75,7 +94,8 @@ def text_files(
     data_files = {"train": list(train_files)}
     if val_files:
         data_files["validation"] = list(val_files)
-    builder = _builder([f for files in data_files.values() for f in files])
+    every_file = [f for files in data_files.values() for f in files]
+    builder = _builder(every_file)
     try:
         return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming,
                                      writer_batch_size=TEXT_BATCH)
@@ -84,7 +104,7 @@ def text_files(
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            raise not_utf8(cause) from err
+            raise not_utf8(cause, every_file) from err
         raise UserError(f"could not read data files {data_files}: {err}") from err
 
 

@@ -34,6 +34,8 @@ def resumes(ckpt_path: str | None, folder: Path) -> bool:
 def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> None:
     """Refuses a folder holding an earlier run unless the run resumes it or replaces it
     (`overwrite`), and then clears that run's outputs if `clear`."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"the run folder {folder} is a file: give a folder (hydra.run.dir=...)")
     if resuming or not holds_run(folder):
         return
     if not overwrite:
@@ -78,6 +80,8 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         try:  # each job's settings are checked when it builds: a job that fails them fails alone
+            if sweep.exists() and not sweep.is_dir():
+                raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
             check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
                 claim(job, resumes(config.ckpt_path, job), config.overwrite)
