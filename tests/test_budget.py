@@ -92,9 +92,14 @@ def test_a_restored_timer_goes_on_from_its_saved_time_and_rank_0_sets_the_time(c
     clock[0] = 1000.0
     timer.on_train_start(None, None)
     assert lrs_at(opt, schedule, clock, [(40, 1010)]) == pytest.approx([2.0 * 0.3])  # 70 s of 100
-    # Under DDP every rank takes rank 0's elapsed time (here: 90 s) instead of its own clock's.
-    opt, schedule = budget_schedule(timer, warmup=10, broadcast=lambda seconds: 90.0)
-    assert lrs_at(opt, schedule, clock, [(40, 1010)]) == pytest.approx([2.0 * 0.1])
+    # Under DDP every rank takes rank 0's elapsed time (here: 90 s) instead of its own clock's,
+    # asked every `share_every` steps only (a broadcast waits for the device): 3 of steps 0-10.
+    asked = []
+    opt, schedule = budget_schedule(timer, warmup=10, broadcast=lambda seconds: asked.append(seconds) or 90.0,
+                                    share_every=5)
+    assert lrs_at(opt, schedule, clock, [(10, 1010)]) == pytest.approx([2.0 * 0.1]) and len(asked) == 3
+    asked.clear()
+    assert lrs_at(opt, schedule, clock, [(14, 1010)]) == pytest.approx([2.0 * 0.1]) and asked == []
 
 
 def test_the_schedule_state_resumes_exactly_and_loads_without_pickles(tmp_path):

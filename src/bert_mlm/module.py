@@ -249,6 +249,10 @@ class MLMModule(L.LightningModule):
         total_steps = self.trainer.estimated_stepping_batches
         if total_steps == float("inf") and timer is None:
             raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
-        broadcast = self.trainer.strategy.broadcast if self.trainer.world_size > 1 else (lambda x: x)
-        scheduler = lr_schedule(optimizer, hp.warmup_steps, total_steps, timer, broadcast, hp.decay, hp.cooldown)
+        if self.trainer.world_size > 1:  # rank 0's clock, read at logging steps (where the host waits anyway)
+            shared = {"broadcast": self.trainer.strategy.broadcast, "share_every": self.trainer.log_every_n_steps}
+        else:
+            shared = {}
+        scheduler = lr_schedule(optimizer, hp.warmup_steps, total_steps, timer, decay=hp.decay, cooldown=hp.cooldown,
+                                **shared)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -59,20 +59,26 @@ def lr_schedule(
     broadcast: Callable[[float], float] = lambda x: x,
     decay: Decay = "linear",
     cooldown: float = COOLDOWN,
+    share_every: int = 1,
 ) -> LambdaLR:
     """A LambdaLR for `lr_factor`; with `timer`, the time share is its elapsed training time
     over its duration. `broadcast` hands every rank rank 0's elapsed time: each rank steps
     its own optimizer, and learning rates that differ by a clock's jitter would let the
-    replicas' weights drift apart."""
+    replicas' weights drift apart. A broadcast makes the host wait for the device, so it
+    runs every `share_every` steps (at the same steps on every rank), and the steps in
+    between keep the share last read: a few steps' lag in a decay over a time budget."""
     # Read before training starts, while both are constant (elapsed: the restored time, or 0).
     budget_s = timer.time_elapsed() + timer.time_remaining() if timer else 0.0
+    share = [None]  # the elapsed share last read
 
-    def time_share() -> float:
+    def time_share(step: int) -> float:
         if timer is None:
             return 0.0
-        return broadcast(timer.time_elapsed()) / budget_s if budget_s > 0 else 1.0
+        if share[0] is None or step % share_every == 0:
+            share[0] = broadcast(timer.time_elapsed()) / budget_s if budget_s > 0 else 1.0
+        return share[0]
 
     def factor(step: int) -> float:  # a plain function: LambdaLR saves no state of it in checkpoints
-        return lr_factor(step, warmup_steps, total_steps, time_share(), decay, cooldown)
+        return lr_factor(step, warmup_steps, total_steps, time_share(step), decay, cooldown)
 
     return LambdaLR(optimizer, factor)
