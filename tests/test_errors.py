@@ -46,6 +46,7 @@ CASES = {
     "binary file": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]"], "binary.txt' is not UTF-8 text (at byte 128)"),
     "binary file streamed": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]", "data.streaming=true"],
                              "binary.txt' is not UTF-8 text (at byte 128)"),
+    "sampler off": (["+trainer.use_distributed_sampler=false"], "trainer.use_distributed_sampler=false: the training data"),
     "no training batches": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: input should be greater than 0"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
     "cache folder that is a file": (["data.cache_dir={d}/text.txt"], "text.txt is a file where a folder is needed"),

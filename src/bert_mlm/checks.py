@@ -35,6 +35,13 @@ def _duration(text: str) -> str:
     return text
 
 
+def _own_sampler(use: bool) -> bool:
+    if not use:
+        raise ValueError("the training data is shared out between ranks by its own sampler (order.py), "
+                         "which this does not change: leave it out")
+    return use
+
+
 TimedeltaKey = Literal["weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds"]
 Duration = Annotated[str, AfterValidator(_duration)] | dict[TimedeltaKey, NonNegativeFloat]  # dict: timedelta's arguments
 
@@ -64,6 +71,7 @@ LIGHTNING_RANGES: dict[type, dict[str, Any]] = {
         "overfit_batches": CountOrShare,
         "fast_dev_run": bool | NonNegativeInt,
         "reload_dataloaders_every_n_epochs": NonNegativeInt,
+        "use_distributed_sampler": Annotated[bool, AfterValidator(_own_sampler)],
     },
     ModelCheckpoint: {
         "save_top_k": Annotated[int, Field(ge=-1)],  # -1: all
