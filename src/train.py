@@ -189,7 +189,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     return metrics
 
 
-def _user_message(err: BaseException, cfg: DictConfig) -> str | None:
+def _user_message(err: BaseException, data_files: list[str] = ()) -> str | None:
     """What to tell the user about `err`, when it is theirs to fix (None: a bug, show it all)."""
     while err is not None:  # Hydra's instantiate wraps what a constructor raised
         if isinstance(err, UserError):
@@ -197,7 +197,7 @@ def _user_message(err: BaseException, cfg: DictConfig) -> str | None:
         if isinstance(err, MisconfigurationException):  # Lightning's word on a trainer.* setting
             return " ".join(str(err).split())
         if isinstance(err, UnicodeDecodeError):  # a streamed data file, read only as training reads it
-            return str(corpus.not_utf8(err, [*(cfg.data.get("train_files") or []), *(cfg.data.get("val_files") or [])]))
+            return str(corpus.not_utf8(err, data_files))
         if isinstance(err, (FileExistsError, NotADirectoryError)):  # a folder setting naming a file
             return f"{err.filename} is a file where a folder is needed: check the paths given (e.g. data.cache_dir)"
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -234,7 +234,7 @@ def main(cfg: DictConfig) -> float:
             _stopped(cfg, "Ctrl-C" if ctrl_c.pressed else "SIGTERM")
             sys.exit(130 if ctrl_c.pressed else 143)  # 128 + the signal, as a shell reports it
         except Exception as err:
-            message = _user_message(err, cfg)
+            message = _user_message(err, [*(cfg.data.get("train_files") or []), *(cfg.data.get("val_files") or [])])
             if message is None:
                 raise
             print(f"error: {message}", file=sys.stderr)

@@ -211,12 +211,13 @@ def test_steps_between_logging_steps_never_wait_for_the_device(tmp_path):
     from bert_mlm.throughput import Throughput
 
     class Record(L.Callback):
-        """From step 1's transfer to step 3's: two whole steps and what Lightning does between."""
+        """From step 3's transfer to step 5's: two whole steps after a logging step (step 2; the
+        next is 5), whose values Lightning keeps, and what Lightning does between."""
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 1:
+            if batch_idx == 3:
                 self.mode = RecordOps().__enter__()
-            elif batch_idx == 3:
+            elif batch_idx == 5:
                 self.mode.__exit__(None, None, None)
 
     module, record = tiny_module(), Record()
@@ -231,7 +232,7 @@ def test_steps_between_logging_steps_never_wait_for_the_device(tmp_path):
         return batch
 
     data.on_before_batch_transfer = before_transfer
-    trainer = L.Trainer(max_steps=4, log_every_n_steps=50, gradient_clip_val=1.0, accelerator="cpu",
+    trainer = L.Trainer(max_steps=6, log_every_n_steps=3, gradient_clip_val=1.0, accelerator="cpu",
                         callbacks=[StepProgressBar(), Throughput(warmup_batches=1), record],
                         logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, data)

@@ -45,6 +45,7 @@ def test_smoke_run_leaves_a_complete_run_folder(smoke_run):
     # The console: one bar counting steps to max_steps; no library noise a user can do nothing about.
     console = proc.stdout + proc.stderr
     assert "Training (epoch 0): 100%" in console and "10/10" in console
+    assert re.search(r"10/10 \[.*train/loss=\d.*train/tokens_per_sec=\d", console)  # the values logged
     assert "/-2" not in console and "Total params" in console
     for noise in ("set_vital", "LeafSpec", "Flops", "FLOPs", "Tip:", "Skipping setting a default",
                   "not supported by the model summary"):

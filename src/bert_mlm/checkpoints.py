@@ -13,6 +13,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
+from bert_mlm.cadence import logs_at
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class LastCheckpoint(Checkpoint):
             # The ranks' clocks differ and every rank must take part in a save: rank 0
             # decides. A broadcast makes the host wait for the device, so only at logging
             # steps, where it waits for the logged values anyway.
-            by_time = step % max(trainer.log_every_n_steps, 1) == 0 and trainer.strategy.broadcast(by_time)
+            by_time = logs_at(step, trainer) and trainer.strategy.broadcast(by_time)
         if by_steps or by_time:
             self._save(trainer)
             if self.keep_periodic:

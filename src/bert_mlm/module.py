@@ -10,6 +10,7 @@ import torch
 from pydantic import AfterValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo
 from transformers import BertConfig, BertForMaskedLM
 
+from bert_mlm.cadence import logs_at
 from bert_mlm.dropout import use_bitmask_dropout
 from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
@@ -136,9 +137,9 @@ class MLMModule(L.LightningModule):
         return self.model.cls(hidden), batch["labels"].flatten()[positions]  # (M, V), (M,)
 
     def _logging_step(self) -> bool:
-        """Whether Lightning writes this step's logged values (every log_every_n_steps):
-        logging only then spares the host a wait for the device on the other steps."""
-        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+        """Whether Lightning writes this step's logged values: logging only then spares the
+        host a wait for the device on the other steps."""
+        return logs_at(self.global_step + 1, self.trainer)
 
     def on_train_start(self):
         self.nonfinite_step = torch.tensor(-1, device=self.device)  # the first with NaN/inf gradients
@@ -151,7 +152,7 @@ class MLMModule(L.LightningModule):
             self._note_if_nonfinite(loss)
         if self._logging_step():
             self._stop_if_nonfinite()
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss)  # on the progress bar too (progress.SHOWN)
             self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 

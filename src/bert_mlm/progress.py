@@ -5,13 +5,26 @@ training by steps (max_epochs=-1) its rich variant reads "Epoch 1/-2"."""
 
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
+from bert_mlm.cadence import logs_at
 from bert_mlm.schedule import budget_timer
 
 # Lightning's format without the rate: a budget's seconds pass at one per second.
 BUDGET_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+# The logged values the bar shows. Not logged with prog_bar=True: Lightning would read those
+# back from the device after every batch until the epoch ends (a wait for the device per step).
+SHOWN = ("train/loss", "train/tokens_per_sec", "train/mfu")
 
 
 class StepProgressBar(TQDMProgressBar):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shown: dict[str, float] = {}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        if logs_at(trainer.global_step, trainer):  # values read once, where the host waits anyway
+            self._shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k in SHOWN}
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
+
     def on_train_start(self, trainer, *args):
         # Here, not at the epoch's start: a run resumed mid-epoch does not start that epoch again.
         super().on_train_start(trainer, *args)

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from pydantic import PositiveFloat, PositiveInt
 
+from bert_mlm.cadence import logs_at
 from bert_mlm.flops import flops_per_token, measure_peak_flops, peak_flops
 
 
@@ -61,13 +62,13 @@ class Throughput(L.Callback):
             self._flops_per_token = flops_per_token(pl_module.model.config, seq_len, mlm_probability)
         elif self._start is not None:
             self._tokens += batch["attention_mask"].sum()
-            if trainer.global_step % trainer.log_every_n_steps == 0:
+            if logs_at(trainer.global_step, trainer):
                 # Every rank has the same number of batches; packed ones the same tokens too.
                 rate = self._rate(self._tokens.item() * trainer.world_size)
                 metrics = {"train/tokens_per_sec": rate}
                 if self._peak:
                     metrics["train/mfu"] = rate * self._flops_per_token / self._peak
-                pl_module.log_dict(metrics, rank_zero_only=True, prog_bar=True)
+                pl_module.log_dict(metrics, rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module):
         if self._start is None:
