@@ -1,7 +1,6 @@
 """MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
 
 import logging
-import os
 import random
 from collections.abc import Iterable
 from typing import Annotated, Literal
@@ -134,7 +133,7 @@ class MLMDataModule(L.LightningDataModule):
         self.hub_dataset, self.hub_config = hub_dataset, hub_config
         self.max_length, self.packing = max_length, packing
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.num_proc = num_proc or os.cpu_count()
+        self.num_proc = num_proc or available_cores()
         self.val_max_blocks = val_max_blocks
         self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir

@@ -7,6 +7,7 @@ import os
 import torch
 
 from bert_mlm.errors import UserError
+from bert_mlm.workers import available_cores
 
 # Set to 1 to run as on a CPU without native bf16 (tests and benchmarks of that path).
 NO_BF16_ENV = "BERT_MLM_NO_BF16"
@@ -68,7 +69,7 @@ def check_devices(accelerator: str, devices: int | str | list | None) -> None:
     gpu = accelerator in ("gpu", "cuda")
     if gpu and not torch.cuda.is_available():
         raise UserError("this trainer config asks for a GPU and none is visible: use trainer=cpu")
-    available = torch.cuda.device_count() if gpu else os.cpu_count()
+    available = torch.cuda.device_count() if gpu else available_cores()
     if isinstance(devices, int) and devices > available:
         kind = "GPUs" if gpu else "CPU cores"
         raise UserError(f"trainer.devices={devices} but this machine has {available} {kind}: lower it")
