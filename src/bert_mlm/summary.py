@@ -5,7 +5,11 @@ uses the model FLOPs per token instead (flops.py)."""
 import logging
 
 from lightning.pytorch.callbacks import ModelSummary
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+try:  # Lightning's private table maker (2.6): a later release may move it
+    from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+except ImportError:
+    _format_summary_table = None
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +18,9 @@ class ParameterSummary(ModelSummary):
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops, **kwargs) -> None:
+        if _format_summary_table is None:  # Lightning's own table, FLOPs column and all
+            return ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                          total_training_modes, total_flops, **kwargs)
         columns = [column for column in summary_data if column[0] != "FLOPs"]
         table = _format_summary_table(total_parameters, trainable_parameters, model_size,
                                       total_training_modes, total_flops, *columns)
