@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from bert_mlm import MLMModule, UserError
 from bert_mlm.checks import check_values
+from bert_mlm.errors import refuse
 from bert_mlm.pretrained import locate
 
 
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 guesses = ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in predictions)
                 print(f"  [MASK] {i + 1}: {guesses}")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        refuse(err)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,9 @@ def test_common_trainer_arguments_are_set_without_a_plus(cfg_of):
 
 
 def test_validation_cadence_suits_short_and_long_runs(cfg_of):
-    from train import _val_interval
+    from bert_mlm.cadence import val_check_interval
 
-    assert _val_interval(cfg_of().trainer) == 20  # the default 40 steps: halfway and at the end
-    assert _val_interval(cfg_of("trainer.max_steps=100000").trainer) == 1000
-    assert _val_interval(cfg_of("trainer.max_steps=100000", "trainer.accumulate_grad_batches=4").trainer) == 4000
-    assert _val_interval(cfg_of("trainer.val_check_interval=7").trainer) == 7
+    assert val_check_interval(cfg_of().trainer) == 20  # the default 40 steps: halfway and at the end
+    assert val_check_interval(cfg_of("trainer.max_steps=100000").trainer) == 1000
+    assert val_check_interval(cfg_of("trainer.max_steps=100000", "trainer.accumulate_grad_batches=4").trainer) == 4000
+    assert val_check_interval(cfg_of("trainer.val_check_interval=7").trainer) == 7

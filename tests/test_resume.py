@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bert_mlm.checkpoints import LastCheckpoint
-from conftest import (OFFLINE, ROOT, SMOKE, assert_same, final_state, last_error, run_train, run_train_here,
+from conftest import (OFFLINE, SMOKE, assert_same, final_state, last_error, run_train, run_train_here,
                       saved_step, steps_shown, wait_for)
 
 # 40 steps of a tiny model, validating at 20 and 40, last.ckpt also every 4 steps; pydocs in
@@ -135,13 +135,12 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_one_error_line():
-    sys.path.insert(0, str(ROOT / "src"))
-    from train import _user_message
+    from bert_mlm.exits import user_message
 
     err = RuntimeError("while saving")
     err.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/x/last.ckpt")
-    assert _user_message(err).startswith("no space left on the device while writing /x/last.ckpt")
-    assert _user_message(RuntimeError("a bug")) is None
+    assert user_message(err).startswith("no space left on the device while writing /x/last.ckpt")
+    assert user_message(RuntimeError("a bug")) is None
 
 
 def test_nonfinite_loss_stops_without_breaking_what_was_saved(tmp_path):

@@ -1,6 +1,9 @@
-"""The optimizer steps at which the host may wait for the device."""
+"""When things happen in training: the steps at which the host may wait for the device, and
+how often validation runs."""
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
+from omegaconf import DictConfig, OmegaConf
 
 
 def logs_at(step: int, trainer: L.Trainer) -> bool:
@@ -9,3 +12,24 @@ def logs_at(step: int, trainer: L.Trainer) -> bool:
     there anyway, so whatever else makes it wait (reading a value, a collective) runs at these
     steps only, and the steps between queue their work on the device without a pause."""
     return step % trainer.log_every_n_steps == 0
+
+
+def val_check_interval(trainer: DictConfig) -> int | float | str | dict:
+    """The Trainer's val_check_interval for the trainer config. Its null: every 1,000 steps,
+    or halfway through a shorter run (the default 40 steps: at 20 and 40). Lightning counts
+    batches, hence the accumulation. A time budget without a step limit (trainer.max_time,
+    max_steps=-1) has no step count to halve: it validates by time, halfway through the
+    budget or every hour in longer ones, and at its end (Lightning validates a run that stops early)."""
+    if trainer.val_check_interval is not None:
+        return trainer.val_check_interval
+    if trainer.max_steps < 0 and trainer.max_time is not None:
+        return {"seconds": min(_seconds(trainer.max_time) / 2, 3600)}
+    steps = min(1000, trainer.max_steps // 2) if trainer.max_steps >= 2 else 1000
+    return steps * trainer.accumulate_grad_batches
+
+
+def _seconds(max_time: str | DictConfig) -> float:
+    """trainer.max_time ("DD:HH:MM:SS" or timedelta's arguments) in seconds, read by
+    Lightning's Timer as the Trainer will read it."""
+    duration = OmegaConf.to_container(max_time) if isinstance(max_time, DictConfig) else max_time
+    return Timer(duration=duration).time_remaining()

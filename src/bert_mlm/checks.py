@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, FilePath, No
                       PositiveInt, TypeAdapter, ValidationError, create_model)
 
 from bert_mlm import launch
-from bert_mlm.errors import UserError
+from bert_mlm.errors import UserError, find_cause
 from bert_mlm.vocab import VocabSize
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -138,11 +138,8 @@ def building(group: str, node: DictConfig | None = None) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        cause = err
-        while cause is not None:
-            if isinstance(cause, UserError):  # ours already says what to change
-                raise
-            cause = cause.__cause__ or cause.__context__
+        if find_cause(err, UserError):  # ours already says what to change
+            raise
         inner = err
         while isinstance(inner, InstantiationException) and inner.__cause__ is not None:
             inner = inner.__cause__  # Hydra's wrapper: the library's own exception is inside

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import datasets
 
-from bert_mlm.errors import UserError
+from bert_mlm.errors import UserError, find_cause
 
 Corpus = datasets.DatasetDict | datasets.IterableDatasetDict
 
@@ -100,9 +100,7 @@ def text_files(
         return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming,
                                      writer_batch_size=TEXT_BATCH)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        cause = err
-        while cause is not None and not isinstance(cause, UnicodeDecodeError):
-            cause = cause.__cause__ or cause.__context__
+        cause = find_cause(err, UnicodeDecodeError)
         if cause is not None:
             raise not_utf8(cause, every_file) from err
         raise UserError(f"could not read data files {data_files}: {err}") from err

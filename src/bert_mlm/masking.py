@@ -63,7 +63,8 @@ class MaskingCollator:
         if self.fixed_masks:
             return self.generator.manual_seed(zlib.crc32(input_ids.numpy().tobytes(), self.seed & 0xFFFFFFFF))
         worker = get_worker_info()
-        # A worker's seed changes every epoch; mixing in `seed` keeps ranks (seed + rank) apart.
+        # A worker's seed is drawn when it starts (once a run with persistent workers: its
+        # generator then runs on across epochs); mixing in `seed` keeps ranks (seed + rank) apart.
         seed = self.seed if worker is None else (worker.seed * 0x9E3779B97F4A7C15 + self.seed) % 2**64
         if seed != self._seeded_with:
             self.generator.manual_seed(seed)

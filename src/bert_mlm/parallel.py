@@ -11,8 +11,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bert_mlm.errors import UserError
-from bert_mlm.preflight import refuse
+from bert_mlm.errors import UserError, refuse
 from bert_mlm.workers import available_cores
 
 log = logging.getLogger(__name__)

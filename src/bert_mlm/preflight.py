@@ -3,14 +3,13 @@ record included): the settings are valid, and the folder does not already hold a
 this one would overwrite."""
 
 import shutil
-import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bert_mlm.checks import check_config
-from bert_mlm.errors import UserError
+from bert_mlm.errors import UserError, refuse
 from bert_mlm.launch import check, launched_as_global_zero
 from bert_mlm.requeue import requeued_checkpoint
 
@@ -51,12 +50,6 @@ def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> 
             path.unlink(missing_ok=True)
 
 
-def refuse(err: UserError):
-    """Ends a Hydra callback's check with the one `error:` line."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # The run folder: Hydra's, unless output_dir was given in its place.
@@ -67,6 +60,8 @@ class Preflight(Callback):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
         try:
             check_config(cfg)
+            check(config.trainer.get("strategy"), multirun=False,
+                  run_dir_given=any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra))
             # Every process of a DDP run checks the folder, so that all of them stop on a
             # refusal (one left waiting for the others would hang until the process group's
             # time-out); they reach it before any writes a checkpoint. Only the global rank

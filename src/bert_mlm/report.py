@@ -1,10 +1,42 @@
-"""What a finished run reports: TensorBoard's HPARAMS and config, and the console summary."""
+"""What a finished run reports: metrics.json, the exported model, TensorBoard's HPARAMS and
+config, and the console summary."""
 
+import json
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+
+from bert_mlm.module import MLMModule
+from bert_mlm.throughput import Throughput
+
+
+def val_metrics(results: list[dict]) -> dict[str, float]:
+    """What trainer.validate returned; nothing where validation is off (trainer.limit_val_batches=0)."""
+    return {k: float(v) for k, v in results[0].items()} if results else {}
+
+
+def finish_run(trainer: L.Trainer, module: MLMModule, cfg: DictConfig, before: dict[str, float],
+               after: dict[str, float], wall_s: float) -> dict:
+    """Writes what a run leaves (rank 0) and returns its metrics.json."""
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    metrics = {
+        "before": before,
+        "after": after,
+        "train/tokens_per_sec": throughput and throughput.tokens_per_sec,
+        "steps": trainer.global_step,
+        "wall_s": wall_s,
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        output_dir = Path(cfg.output_dir)
+        module.model.save_pretrained(output_dir / "hf_model")
+        module.tokenizer.save_pretrained(output_dir / "hf_model")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log_run(trainer, cfg, after)
+        print_summary(metrics, output_dir)
+    return metrics
 
 
 def log_run(trainer: L.Trainer, cfg: DictConfig, after: dict[str, float]) -> None:

@@ -5,11 +5,12 @@ table is printed."""
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from bert_mlm.errors import refuse
 
 METRICS = ("val/loss", "val/ppl", "val/acc")
 
@@ -65,6 +66,4 @@ class SweepSummary(Callback):
             print(f"\nsweep of {jobs}, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
             failed = sum(r["status"] == "failed" for r in rows)
             if failed:
-                print(f"error: {failed} of {jobs} failed: their error lines are above, their logs in "
-                      "their folders", file=sys.stderr)
-                sys.exit(1)
+                refuse(f"{failed} of {jobs} failed: their error lines are above, their logs in their folders", code=1)

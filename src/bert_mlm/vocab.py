@@ -11,6 +11,7 @@ from tokenizers import BertWordPieceTokenizer
 from transformers import PreTrainedTokenizerFast
 
 from bert_mlm.errors import UserError
+from bert_mlm.launch import launched_world_size
 
 SPECIAL = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
            "mask_token": "[MASK]"}
@@ -47,6 +48,9 @@ def run_vocabulary(folder: Path, texts: Callable[[], Iterable[str | list[str]]],
             raise UserError(f"{folder} holds a vocabulary trained with {', '.join(changed)}: use those settings, "
                             f"another run folder, or delete {folder} to train a new one")
         return folder
+    if launched_world_size() > 1:  # every process would train it and write it at once
+        raise UserError("under torchrun or srun, train the tokenizer first in one process: the same command "
+                        "without torchrun or srun, with prepare_only=true and the same hydra.run.dir")
     train_wordpiece(texts(), vocab_size, folder, min_frequency)
     record.write_text(json.dumps(settings, indent=2) + "\n")
     return folder

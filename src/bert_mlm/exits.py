@@ -1,0 +1,50 @@
+"""How `python -m train` ends when it does not finish: one `error:` line for what the user
+can fix, and the command that resumes a run a signal stopped."""
+
+import errno
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from bert_mlm import corpus
+from bert_mlm.errors import UserError
+
+
+def user_message(err: BaseException | None, data_files: list[str] = ()) -> str | None:
+    """What to tell the user about `err`, when it is theirs to fix (None: a bug, show it all).
+    `data_files`: the run's data files, to name the one a decoding error came from."""
+    while err is not None:  # Hydra's instantiate, and other libraries, wrap what they catch
+        message = _message(err, data_files)
+        if message is not None:
+            return message
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _message(err: BaseException, data_files: list[str]) -> str | None:
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, MisconfigurationException):  # Lightning's word on a trainer.* setting
+        return " ".join(str(err).split())
+    if isinstance(err, UnicodeDecodeError):  # a streamed data file, read only as training reads it
+        return str(corpus.not_utf8(err, data_files))
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # a folder setting naming a file
+        return f"{err.filename} is a file where a folder is needed: check the paths given (e.g. data.cache_dir)"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
+                "space (checkpoints are written whole or not at all: the last complete one is intact)")
+    return None
+
+
+def print_resume_command(output_dir: str, stopped_by: str) -> None:
+    """After a stop by a signal: the command that goes on from checkpoints/last.ckpt."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        print(f"stopped by {stopped_by} before anything was trained: nothing to resume", file=sys.stderr)
+        return
+    kept = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "overwrite="))]
+    command = " ".join([*kept, "ckpt_path=last", f"hydra.run.dir={output_dir}"])
+    print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
+          f"  python -m train {command}", file=sys.stderr)
