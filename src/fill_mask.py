@@ -30,8 +30,13 @@ def load(source: str, device: str):
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise UserError(f"checkpoint {source} does not exist")
+        # A run's own vocabulary (tokenizer.train) from its folder, wherever that has moved since.
+        own = path.resolve().parent.parent / "tokenizer"
+        kwargs = {"tokenizer": str(own)} if (own / "tokenizer.json").exists() else {}
         try:
-            module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
+        except UserError:  # e.g. the model it continued (model.pretrained) is gone
+            raise
         except Exception as err:  # not a checkpoint, or cut short: unusable alike
             raise UserError(f"{source} cannot be read as a checkpoint: give another .ckpt or the run folder") from err
         return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer, device=device)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import GPT2Config
 
 from bert_mlm.pretrained import load_tokenizer
 from conftest import ROOT, SMOKE, last_error, run_train, run_train_here
@@ -24,6 +25,8 @@ def files(tmp_path):
     (tmp_path / "blank.txt").write_text("   \n\t\n \n" * 20)
     (tmp_path / "numbers.jsonl").write_text("".join(f'{{"text": {i}}}\n' for i in range(50)))
     (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=tokenizer.vocab_size).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, tmp_path / "whole.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:2000])
     return tmp_path
@@ -46,6 +49,11 @@ CASES = {
     "binary file": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]"], "binary.txt' is not UTF-8 text (at byte 128)"),
     "binary file streamed": (["data=text", "data.train_files=[{d}/text.txt,{d}/binary.txt]", "data.streaming=true"],
                              "binary.txt' is not UTF-8 text (at byte 128)"),
+    "checkpoint monitor not logged": (["callbacks.checkpoint.monitor=val/foo"],
+                                      "callbacks.checkpoint.monitor=val/foo: validation logs no such metric"),
+    "checkpoints outside the run folder": (["callbacks.last.dirpath={d}/elsewhere"], "callbacks.last.dirpath="),
+    "model folder without a model": (["model.pretrained={d}"], "holds no model"),
+    "model that is not a BERT": (["model.pretrained={d}/gpt2"], "is a gpt2 model, not a BERT"),
     "sampler off": (["+trainer.use_distributed_sampler=false"], "trainer.use_distributed_sampler=false: the training data"),
     "no training batches": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: input should be greater than 0"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
@@ -111,6 +119,9 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     assert last_error(proc).startswith("error: the checkpoint's run was trained with data.batch_size=8")
     proc = run_train_here(run_dir, *SMOKE, cache, "data=text", f"data.train_files=[{README}]", *more)
     assert "data.corpus=pydocs" in last_error(proc)
+    # The optimizer's settings, which Lightning restores with its state: a new lr would be ignored.
+    proc = run_train_here(run_dir, *SMOKE, cache, "model.lr=1e-5", *more)
+    assert last_error(proc).startswith("error: the checkpoint's run was trained with model.lr=0.001, which resuming")
     # Already at its end: nothing to train, and its figures stay as they are.
     proc = run_train_here(run_dir, *SMOKE, cache, "ckpt_path=last")
     assert last_error(proc).endswith("is at step 10, the run's end (trainer.max_steps=10): raise trainer.max_steps to train on")

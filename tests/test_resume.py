@@ -3,6 +3,7 @@
 import errno
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from bert_mlm.checkpoints import LastCheckpoint
-from conftest import (OFFLINE, SMOKE, assert_same, final_state, last_error, run_train, run_train_here,
+from conftest import (OFFLINE, SMOKE, assert_same, final_state, last_error, run, run_train, run_train_here,
                       saved_step, steps_shown, wait_for)
 
 # 40 steps of a tiny model, validating at 20 and 40, last.ckpt also every 4 steps; pydocs in
@@ -53,7 +54,7 @@ def interrupt(run_dir: Path, signum: int, *overrides: str) -> tuple[subprocess.P
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
     run_dir = tmp_path / "run"
-    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    cache = f"data.cache_dir={tmp_path / 'cache dir'}"  # a space: the printed command quotes it
     proc, stdout, stderr = interrupt(run_dir, signum, cache)
     last = run_dir / "checkpoints" / "last.ckpt"
     step = saved_step(last)
@@ -70,7 +71,12 @@ def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
     if signum == signal.SIGINT:
         return  # saved as on SIGTERM (it is Lightning's SIGTERM stop): that case resumes it
 
-    resumed = run_train(run_dir, *RUN, cache, "ckpt_path=last")
+    if signum == signal.SIGTERM:  # the command it printed, pasted into a shell
+        printed = stderr.split("Resume with:\n")[1].splitlines()[0].strip()
+        assert printed.startswith("python -m train ")
+        resumed = run(["bash", "-c", printed.replace("python", shlex.quote(sys.executable), 1)], run_dir.parent)
+    else:
+        resumed = run_train(run_dir, *RUN, cache, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: resuming is why
     assert_same(final_state(run_dir), straight_run)

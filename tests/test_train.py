@@ -167,7 +167,7 @@ def test_lightning_loop_options(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_own_vocabulary(tmp_path):
+def test_own_vocabulary(tmp_path, capsys):
     run_dir = tmp_path / "run"
     own = [*SMOKE, "tokenizer.train=true", "tokenizer.vocab_size=1500", f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_train_here(run_dir, *own, "prepare_only=true").returncode == 0  # trains the vocabulary first
@@ -185,11 +185,11 @@ def test_own_vocabulary(tmp_path):
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert len(fill("The [MASK] statement.")) == 5
 
-    # Continued with model.pretrained=<its hf_model>: with that model's own vocabulary (model=minilm's
-    # model.tokenizer=null), not the configured model's.
+    # Continued with model.pretrained=<its run folder> (its hf_model): with that model's own vocabulary
+    # (model=minilm's model.tokenizer=null), not the configured model's.
     proc = run_train_here(tmp_path / "continued", "logger=none", "data.num_workers=0", "trainer.max_steps=2",
                           "data.max_length=64", "data.batch_size=8", "trainer.limit_val_batches=2", own[-1],
-                          f"model.pretrained={run_dir / 'hf_model'}")
+                          f"model.pretrained={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_tokenizer(str(tmp_path / "continued" / "hf_model")).get_vocab() == fill.tokenizer.get_vocab()
     line = last_error(run_train_here(tmp_path / "run2", *SMOKE, "model.tokenizer=null"))
@@ -201,3 +201,20 @@ def test_own_vocabulary(tmp_path):
     line = last_error(run_train_here(tmp_path / "run3", *own, "tokenizer.vocab_size=50"))
     assert line.startswith("error: tokenizer.vocab_size=50 is below the ") and "set it to at least that" in line
     assert not (tmp_path / "run3" / "tokenizer").exists()
+
+    # A checkpoint of the run, its folder moved since: read with the vocabulary in its folder.
+    import fill_mask
+
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    fill_mask.main([str(moved / "checkpoints" / "last.ckpt"), "The [MASK] statement."])
+    assert "[MASK] 1: " in capsys.readouterr().out
+
+    # The same file with new text is another source: its vocabulary is not reused.
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    on_text = [*own, "data=text", f"data.train_files=[{text}]", "tokenizer.vocab_size=100", "prepare_only=true"]
+    assert run_train_here(tmp_path / "text-run", *on_text).returncode == 0
+    text.write_text("zebras and giraffes graze on the savanna\n" * 500)
+    line = last_error(run_train_here(tmp_path / "text-run", *on_text))
+    assert "holds a vocabulary trained with data.train_files=" in line and " bytes, modified " in line, line

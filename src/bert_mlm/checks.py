@@ -7,6 +7,7 @@ import functools
 import inspect
 import re
 import typing
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, FilePath, No
 
 from bert_mlm import launch
 from bert_mlm.errors import UserError, find_cause
+from bert_mlm.module import VAL_METRICS
 from bert_mlm.vocab import VocabSize
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -121,6 +123,28 @@ def check_config(cfg: DictConfig) -> None:
         if target is L.Trainer and values.get("precision") == "mixed":  # ours, not Lightning's
             values["precision"] = launch.precision("mixed", values.get("accelerator", "auto"))
         check_values(f"{path}.", model, values)
+    _check_checkpoints(cfg)
+
+
+def _check_checkpoints(cfg: DictConfig) -> None:
+    """The checkpoint callbacks write into the run folder's checkpoints/, where resuming
+    (ckpt_path=last), the resume command and the guard against a second run look, and watch
+    a metric that validation logs (else Lightning stops at the first validation, unsaved)."""
+    try:
+        folder = (Path(cfg.output_dir) / "checkpoints").resolve()
+    except OmegaConfBaseException:  # not resolvable outside a Hydra run
+        return
+    callbacks = cfg.get("callbacks") or {}
+    for name in ("checkpoint", "last"):
+        dirpath = OmegaConf.select(cfg, f"callbacks.{name}.dirpath", default=None)
+        if name in callbacks and (dirpath is None or Path(dirpath).resolve() != folder):
+            raise UserError(f"callbacks.{name}.dirpath={_shown(dirpath)}: checkpoints go in the run folder's "
+                            "checkpoints/, where resuming and the guard against overwriting a run look; to put "
+                            "them elsewhere, put the whole run there (hydra.run.dir=...)")
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default=None)
+    if "checkpoint" in callbacks and monitor is not None and monitor not in VAL_METRICS:
+        raise UserError(f"callbacks.checkpoint.monitor={monitor}: validation logs no such metric; "
+                        f"use one of {', '.join(VAL_METRICS)}")
 
 
 def check_values(prefix: str, model: type[BaseModel], values: dict[str, Any]) -> None:

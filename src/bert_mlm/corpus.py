@@ -113,8 +113,9 @@ def hub(name: str, config: str | None, cache_dir: str | None, streaming: bool = 
                                      writer_batch_size=TEXT_BATCH)
     except Exception as err:  # offline, unknown name or config: all end the same way
         raise UserError(
-            f"could not load dataset '{name}' ({config}) from the hub: {type(err).__name__}; "
-            "offline, use data=pydocs or data=text with local files"
+            f"could not load data.hub_dataset={name} with data.hub_config={config} from the hub: "
+            f"{type(err).__name__}; check both (hub_config: one of the dataset's configs, or null), "
+            "or offline use data=pydocs or data=text with local files"
         ) from err
 
 

@@ -3,6 +3,8 @@
 import logging
 import random
 from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 import lightning as L
@@ -173,9 +175,14 @@ class MLMDataModule(L.LightningDataModule):
 
     @property
     def text_source(self) -> dict:
-        """The settings that pick the training text (not how it is cut or masked)."""
-        return {f"data.{k}": self.settings[k] for k in ("corpus", "train_files", "text_column", "hub_dataset",
-                                                       "hub_config")}
+        """The settings that pick the training text (not how it is cut or masked), each file
+        with its size and modification time: the same path with new text is another source."""
+        source = {f"data.{k}": self.settings[k] for k in ("corpus", "text_column", "hub_dataset", "hub_config")}
+        stats = {f: Path(f).stat() for f in self.settings["train_files"]}
+        source["data.train_files"] = [f"{f} ({s.st_size:,} bytes, modified "
+                                      f"{datetime.fromtimestamp(s.st_mtime).isoformat(timespec='seconds')})"
+                                      for f, s in stats.items()]
+        return source
 
     def state_dict(self) -> dict:
         return {"settings": self.settings}  # in each checkpoint, beside the DataLoader's position

@@ -2,6 +2,7 @@
 can fix, and the command that resumes a run a signal stopped."""
 
 import errno
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,9 +43,10 @@ def print_resume_command(output_dir: str, stopped_by: str) -> None:
     """After a stop by a signal: the command that goes on from checkpoints/last.ckpt."""
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if not last.exists():
-        print(f"stopped by {stopped_by} before anything was trained: nothing to resume", file=sys.stderr)
+        print(f"stopped by {stopped_by}; no {last} was written (nothing trained yet, or callbacks.last "
+              "left out): nothing to resume", file=sys.stderr)
         return
     kept = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "overwrite="))]
-    command = " ".join([*kept, "ckpt_path=last", f"hydra.run.dir={output_dir}"])
+    command = " ".join(shlex.quote(o) for o in [*kept, "ckpt_path=last", f"hydra.run.dir={output_dir}"])
     print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
           f"  python -m train {command}", file=sys.stderr)

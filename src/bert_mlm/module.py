@@ -19,6 +19,8 @@ from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokeniz
 from bert_mlm.schedule import COOLDOWN, Decay, budget_timer, lr_schedule
 
 log = logging.getLogger(__name__)
+# What each validation logs (a checkpoint's callbacks.checkpoint.monitor is one of them).
+VAL_METRICS = ("val/loss", "val/ppl", "val/acc")
 
 # Dropout of 1 drops everything; an Adam beta of 1 makes its running average never move.
 BelowOne = Annotated[float, Field(ge=0, lt=1)]
@@ -193,7 +195,7 @@ class MLMModule(L.LightningModule):
         # Summed over batches and ranks, then divided: the mean over all masked tokens.
         loss_sum, correct, count = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
         loss = loss_sum / count.clamp(min=1)
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp(), "val/acc": correct / count.clamp(min=1)})
+        self.log_dict(dict(zip(VAL_METRICS, (loss, loss.exp(), correct / count.clamp(min=1)))))
 
     def on_save_checkpoint(self, checkpoint: dict):
         # Lightning keeps no RNG state; dropout needs it for a resumed run to match exactly.

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import transformers
 from pydantic import AfterValidator
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from bert_mlm.errors import UserError
 
@@ -32,6 +32,8 @@ def locate(name: str) -> str:
                 f"model path '{name}' does not exist or is not a folder: "
                 "give a model folder, a packaged name or a hub name"
             )
+        if not (path / "config.json").exists() and (path / "hf_model" / "config.json").exists():
+            return str(path / "hf_model")  # a run folder: the model it exported
         return str(path)
     return name
 
@@ -49,6 +51,9 @@ ModelName = Annotated[str, AfterValidator(_findable)]
 
 
 def _hub_error(kind: str, name: str, err: Exception) -> UserError:
+    if Path(name).expanduser().is_dir():
+        return UserError(f"'{name}' holds no {kind} ({type(err).__name__}): give a folder that save_pretrained "
+                         "wrote (a run's: <run folder>/hf_model), a packaged name or a hub name")
     return UserError(
         f"could not load {kind} '{name}' ({type(err).__name__}): it is not a local folder and the "
         "Hugging Face hub is unreachable or has no such name; offline, use model=minilm"
@@ -64,9 +69,13 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_config(name: str) -> BertConfig:
     try:
-        return BertConfig.from_pretrained(locate(name))
+        kind = PretrainedConfig.get_config_dict(locate(name))[0].get("model_type", "bert")
+        config = BertConfig.from_pretrained(locate(name))
     except (OSError, ValueError) as err:
         raise _hub_error("model", name, err) from err
+    if kind != "bert":  # BertConfig reads any config.json, and not one weight would load
+        raise UserError(f"model '{name}' is a {kind} model, not a BERT (model_type bert): give a BERT")
+    return config
 
 
 def load_model(name: str, config: BertConfig) -> BertForMaskedLM:
@@ -82,8 +91,11 @@ def load_model(name: str, config: BertConfig) -> BertForMaskedLM:
     finally:
         transformers.logging.set_verbosity(verbosity)
     fresh = info["missing_keys"]
+    encoder = sorted(key for key in fresh if not key.startswith("cls."))
+    if encoder:
+        raise UserError(f"model '{name}' lacks {len(encoder)} of BERT's encoder tensors (e.g. {encoder[0]}): "
+                        "it is not a BERT checkpoint that training can continue")
     if fresh:
-        head = all(key.startswith("cls.") for key in fresh)
-        log.info(f"model '{name}': {len(fresh)} tensors start fresh"
-                 + (" (it has no MLM head: the head is trained from scratch)" if head else f": {sorted(fresh)}"))
+        log.info(f"model '{name}': the MLM head's {len(fresh)} tensors start fresh (the checkpoint has none: "
+                 "the head is trained from scratch)")
     return model

@@ -13,6 +13,11 @@ from bert_mlm.module import MLMModule
 from bert_mlm.requeue import requeued_checkpoint
 
 log = logging.getLogger(__name__)
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -47,6 +52,15 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
             f"checkpoint {ckpt_path} is of another model ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
             "resume with the model settings it was trained with"
         )
+    # Lightning restores these with the optimizer's state (its param groups, the schedule's
+    # base lr): another value given now would be silently ignored.
+    saved_hp = checkpoint.get("hyper_parameters", {})
+    ignored = [f"model.{k}={saved_hp[k]}" for k in OPTIMIZER_SETTINGS
+               if k in saved_hp and _plain(saved_hp[k]) != _plain(module.hparams[k])]
+    if ignored:
+        raise UserError(f"the checkpoint's run was trained with {', '.join(ignored)}, which resuming restores with "
+                        "the optimizer's state: resume with it, or start a new run from its weights "
+                        "(model.pretrained=<run>/hf_model)")
     # Lightning keeps a datamodule's state_dict under its class name (none in older checkpoints).
     changed = datamodule.changed_settings(checkpoint.get(type(datamodule).__qualname__, {}))
     if changed:
