@@ -18,6 +18,12 @@ from bert_mlm.cadence import logs_at
 log = logging.getLogger(__name__)
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """A run folder's newest state, where LastCheckpoint writes it (checks.py holds the
+    callbacks to the run folder): what ckpt_path=last and a requeued job resume."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 class LastCheckpoint(Checkpoint):
     """Saves last.ckpt every `every_minutes` of training and/or `every_n_steps` steps, at
     the end of each validation and of training, and when the run is told to stop. With

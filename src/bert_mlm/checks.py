@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, FilePath, No
                       PositiveInt, TypeAdapter, ValidationError, create_model)
 
 from bert_mlm import launch
+from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.errors import UserError, find_cause
 from bert_mlm.module import VAL_METRICS
 from bert_mlm.vocab import VocabSize
@@ -131,7 +132,7 @@ def _check_checkpoints(cfg: DictConfig) -> None:
     (ckpt_path=last), the resume command and the guard against a second run look, and watch
     a metric that validation logs (else Lightning stops at the first validation, unsaved)."""
     try:
-        folder = (Path(cfg.output_dir) / "checkpoints").resolve()
+        folder = last_checkpoint(cfg.output_dir).parent.resolve()
     except OmegaConfBaseException:  # not resolvable outside a Hydra run
         return
     callbacks = cfg.get("callbacks") or {}

@@ -4,12 +4,12 @@ can fix, and the command that resumes a run a signal stopped."""
 import errno
 import shlex
 import sys
-from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from bert_mlm import corpus
+from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.errors import UserError
 
 
@@ -41,7 +41,7 @@ def _message(err: BaseException, data_files: list[str]) -> str | None:
 
 def print_resume_command(output_dir: str, stopped_by: str) -> None:
     """After a stop by a signal: the command that goes on from checkpoints/last.ckpt."""
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if not last.exists():
         print(f"stopped by {stopped_by}; no {last} was written (nothing trained yet, or callbacks.last "
               "left out): nothing to resume", file=sys.stderr)

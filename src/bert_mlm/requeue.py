@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.launch import started_by_srun
 
 SIGNAL = signal.SIGUSR1
@@ -36,7 +37,7 @@ def requeued_checkpoint(output_dir: Path) -> Path | None:
     """The run folder's last.ckpt when this is a requeued SLURM job (SLURM counts restarts in
     SLURM_RESTART_COUNT) and its earlier attempt saved one: the newest state of this run,
     newer than any ckpt_path the job was first started from."""
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     return last if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and last.is_file() else None
 
 
@@ -75,6 +76,9 @@ class StopOnSlurmWarning(L.Callback):
         if trainer.global_step == self._step:  # gradient accumulation: not at the end of a step
             return
         self._step = trainer.global_step
+        # Every step, though under DDP it is a collective that waits for the device: the
+        # warning comes a set time ahead (--signal=SIGUSR1@120), which log_every_n_steps of
+        # slow steps could outlast. Only srun runs have this callback.
         if trainer.strategy.reduce_boolean_decision(self.warned, all=False):  # any rank
             raise Requeue(self.job_id, trainer.is_global_zero)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.data import MLMDataModule
 from bert_mlm.errors import UserError
 from bert_mlm.module import MLMModule
@@ -27,7 +28,7 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
         return str(requeued)
     if ckpt_path is None:
         return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last_checkpoint(output_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
     return str(path)
