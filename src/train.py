@@ -3,6 +3,7 @@
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,7 @@ from bert_mlm.cadence import val_check_interval
 from bert_mlm.checks import building, check_config
 from bert_mlm.exits import print_resume_command, user_message
 from bert_mlm.interrupt import ctrl_c_as_sigterm
+from bert_mlm.preflight import replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
@@ -91,7 +93,7 @@ def _tokenizer(cfg: DictConfig) -> str:
     # configured one) is not used.
     data = _datamodule(cfg, load_tokenizer(cfg.model.tokenizer))
     return str(run_vocabulary(Path(cfg.output_dir) / "tokenizer", data.train_texts, cfg.tokenizer.vocab_size,
-                              cfg.tokenizer.min_frequency, data.text_source))
+                              cfg.tokenizer.min_frequency, data.text_source, replace=cfg.overwrite))
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -113,12 +115,15 @@ def prepare(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
-    ckpt_path = resume.resolve(cfg.ckpt_path, Path(cfg.output_dir))
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
     module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
         resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps)
-
-    before = report.val_metrics(trainer.validate(module, datamodule))
+    replace = cfg.overwrite and trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
+    keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
+    with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
+        before = report.val_metrics(trainer.validate(module, datamodule))
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)  # runs no code from it
     wall_s = time.perf_counter() - start

@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bert_mlm.errors import UserError
-from bert_mlm.launch import check, launched_as_global_zero
+from bert_mlm.launch import check
 from bert_mlm.preflight import Preflight
 from conftest import (CONF, SMOKE, assert_same, final_state, last_error, run_train, run_train_here, saved_step,
                       steps_shown, wait_for)
@@ -193,25 +193,7 @@ def test_srun_warned_before_the_time_limit_requeues_and_resumes_exactly(tmp_path
     assert calls.read_text() == "requeue 4242\n"
 
 
-@pytest.mark.parametrize("env,zero", [
-    ({}, True),
-    ({"RANK": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, False),  # torchrun: the second node's first process
-    ({"NODE_RANK": "1"}, False),  # Lightning's launcher: the second machine's first process
-    ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False),  # ... the first machine's second process
-    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NAME": "job"}, False),  # srun
-    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "job"}, True),
-    # An interactive SLURM job: Lightning's launcher starts the processes, SLURM_PROCID is 0 in all.
-    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "interactive", "NODE_RANK": "1"}, False),
-])
-def test_global_rank_zero_before_the_trainer(monkeypatch, env, zero):
-    for key in ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_NAME"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert launched_as_global_zero() == zero
-
-
-def test_only_global_rank_zero_clears_a_folder_others_check_it(tmp_path, monkeypatch):
+def test_a_used_folder_is_refused_on_every_machine_and_cleared_by_none_before_the_run_is_built(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     (run_dir / "hf_model").mkdir(parents=True)  # an earlier run's
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -221,11 +203,9 @@ def test_only_global_rank_zero_clears_a_folder_others_check_it(tmp_path, monkeyp
     monkeypatch.setenv("NODE_RANK", "1")  # Lightning's launcher, second machine: LOCAL_RANK unset
     with pytest.raises(SystemExit):  # refused on this machine too, not left waiting for rank 0
         Preflight().on_run_start(config)
-    Preflight().on_run_start(replace)
-    assert (run_dir / "hf_model").exists()  # not its to clear
     monkeypatch.setenv("NODE_RANK", "0")
     Preflight().on_run_start(replace)
-    assert not (run_dir / "hf_model").exists()
+    assert (run_dir / "hf_model").exists()  # cleared by the run's global rank 0 once it is built (train.py)
 
 
 def test_strategies_that_start_processes_per_call_are_refused():

@@ -36,6 +36,18 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     proc = run_train_here(run_dir, *args, "ckpt_path=last", "model.lr=-1")
     assert last_error(proc).startswith("error: model.lr=-1") and snapshot(run_dir) == before
 
+    # Replacing it with settings or data that are then refused: it loses nothing. Hydra records the
+    # refused run's settings in .hydra/ and train.log, past its own checks.
+    outputs = lambda: {k: v for k, v in snapshot(run_dir).items() if not k.startswith((".hydra", "train.log"))}  # noqa: E731
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n" * 10)
+    proc = run_train_here(run_dir, *args, "overwrite=true", "data=text", f"data.train_files=[{blank}]")
+    assert "holds no text" in last_error(proc) and outputs() == {k: v for k, v in before.items()
+                                                                  if not k.startswith((".hydra", "train.log"))}
+    # Preparing data for it (prepare_only) writes nothing there: not refused, nothing cleared.
+    assert run_train_here(run_dir, *args, "prepare_only=true").returncode == 0
+    assert outputs() == {k: v for k, v in before.items() if not k.startswith((".hydra", "train.log"))}
+
     # A deliberate overwrite replaces the earlier run's outputs, none of them left mixed in.
     proc = run_train_here(run_dir, *args, "overwrite=true", "trainer.max_steps=6", "trainer.val_check_interval=3")
     assert proc.returncode == 0, proc.stderr[-3000:]

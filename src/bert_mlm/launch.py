@@ -31,19 +31,6 @@ def started_by_srun() -> bool:
     return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
-def launched_as_global_zero() -> bool:
-    """Whether this process is to be global rank 0, from what started it, before the Trainer
-    exists: torchrun's RANK, srun's SLURM_PROCID, else Lightning's own launcher, where
-    NODE_RANK numbers the machines and LOCAL_RANK the processes on one (unset in the first).
-    Lightning's `rank_zero_only.rank` reads LOCAL_RANK there, which is 0 on every machine."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"]) == 0
-    if "LOCAL_RANK" not in os.environ and started_by_srun():
-        return int(os.environ["SLURM_PROCID"]) == 0
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
-    return node == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-
-
 def check(strategy: str | None, multirun: bool, run_dir_given: bool) -> None:
     if any(kind in str(strategy) for kind in ("spawn", "fork", "notebook")):
         # A run validates, fits and validates again: three Lightning calls, each of which would

@@ -3,6 +3,8 @@ record included): the settings are valid, and the folder does not already hold a
 this one would overwrite."""
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -10,10 +12,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
-from bert_mlm.launch import check, launched_as_global_zero
+from bert_mlm.launch import check
 from bert_mlm.requeue import requeued_checkpoint
 
-# What a run writes into its folder; `overwrite=true` removes these first.
+# What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
 
 
@@ -30,9 +32,9 @@ def resumes(ckpt_path: str | None, folder: Path) -> bool:
     return ckpt_path == "last" or Path(ckpt_path).resolve().is_relative_to(folder.resolve())
 
 
-def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> None:
+def claim(folder: Path, resuming: bool, overwrite: bool) -> None:
     """Refuses a folder holding an earlier run unless the run resumes it or replaces it
-    (`overwrite`), and then clears that run's outputs if `clear`."""
+    (`overwrite`: see `replacing`)."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"the run folder {folder} is a file: give a folder (hydra.run.dir=...)")
     if resuming or not holds_run(folder):
@@ -40,14 +42,35 @@ def claim(folder: Path, resuming: bool, overwrite: bool, clear: bool = True) -> 
     if not overwrite:
         raise UserError(f"{folder} already holds a run: resume it with ckpt_path=last, start a new run "
                         "in another folder (hydra.run.dir=...), or replace it with overwrite=true")
-    if not clear:
-        return
-    for name in RUN_OUTPUTS:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[None]:
+    """overwrite=true: the earlier run's outputs (but `keep`) are moved aside into .replaced/
+    while the new run's data is checked (the body), then deleted. A run refused there, or
+    stopped, gets them back; one killed there leaves them in .replaced/."""
+    aside = folder / ".replaced"
+    _remove(aside)  # left by a run killed while replacing: the earlier run was being replaced
+    moved = [name for name in RUN_OUTPUTS if name not in keep and (folder / name).exists()]
+    aside.mkdir()
+    for name in moved:
+        (folder / name).rename(aside / name)
+    try:
+        yield
+    except BaseException:
+        for name in moved:
+            _remove(folder / name)  # what the refused run began to write
+            (aside / name).rename(folder / name)
+        raise
+    finally:
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class Preflight(Callback):
@@ -64,11 +87,10 @@ class Preflight(Callback):
                   run_dir_given=any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra))
             # Every process of a DDP run checks the folder, so that all of them stop on a
             # refusal (one left waiting for the others would hang until the process group's
-            # time-out); they reach it before any writes a checkpoint. Only the global rank
-            # 0 clears it: by RANK, SLURM_PROCID, or NODE_RANK and LOCAL_RANK, as the launcher
-            # sets them (the first process on each machine has LOCAL_RANK 0).
-            resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
-            claim(folder, resuming, config.overwrite, clear=launched_as_global_zero())
+            # time-out). prepare_only writes nothing there but a vocabulary, which checks itself.
+            if not config.prepare_only:
+                resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
+                claim(folder, resuming, config.overwrite)
         except UserError as err:
             refuse(err)
 

@@ -35,19 +35,21 @@ def train_wordpiece(texts: Iterable[str | list[str]], vocab_size: VocabSize, out
 
 
 def run_vocabulary(folder: Path, texts: Callable[[], Iterable[str | list[str]]], vocab_size: VocabSize,
-                   min_frequency: PositiveInt, source: dict[str, Any]) -> Path:
+                   min_frequency: PositiveInt, source: dict[str, Any], replace: bool = False) -> Path:
     """The vocabulary in `folder` (a run folder's tokenizer/): trained on `texts()`, or the one
     an earlier run there trained (a resume, a DDP rank started later, a run after prepare_only)
-    if that had the same settings and text `source`."""
+    if that had the same settings and text `source`; one trained otherwise is refused, or
+    with `replace` (overwrite=true) trained again."""
     settings = {"tokenizer.vocab_size": vocab_size, "tokenizer.min_frequency": min_frequency, **source}
     record = folder / TRAINED_WITH
     if (folder / "tokenizer.json").exists():
         saved = json.loads(record.read_text()) if record.exists() else {}  # none from older runs
         changed = [f"{key}={value}" for key, value in saved.items() if settings.get(key) != value]
-        if changed:
+        if changed and not replace:
             raise UserError(f"{folder} holds a vocabulary trained with {', '.join(changed)}: use those settings, "
                             f"another run folder, or delete {folder} to train a new one")
-        return folder
+        if not changed:
+            return folder
     if launched_world_size() > 1:  # every process would train it and write it at once
         raise UserError("under torchrun or srun, train the tokenizer first in one process: the same command "
                         "without torchrun or srun, with prepare_only=true and the same hydra.run.dir")
