@@ -84,3 +84,21 @@ def test_a_run_or_sweep_folder_that_is_a_file_is_refused(tmp_path):
     line = last_error(run_train_here(None, "-m", f"hydra.sweep.dir={file}", *SMOKE))
     assert line == f"error: the sweep folder {file} is a file: give a folder (hydra.sweep.dir=...)"
     assert file.read_text() == "earlier work"
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import read_write
+
+    from bert_mlm.preflight import Preflight
+    from conftest import CONF
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        first, second = (compose("train", overrides=SMOKE, return_hydra_config=True) for _ in range(2))
+    Preflight().on_run_start(first)
+    with read_write(second):
+        second.hydra.run.dir = first.hydra.run.dir  # outputs/DATE/TIME of the same second
+    Preflight().on_run_start(second)
+    assert Path(second.hydra.run.dir) == Path(first.hydra.run.dir).with_name(Path(first.hydra.run.dir).name + "_1")
+    assert Path(first.hydra.run.dir).is_dir() and Path(second.hydra.run.dir).is_dir()

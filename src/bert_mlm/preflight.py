@@ -2,13 +2,14 @@
 record included): the settings are valid, and the folder does not already hold a run that
 this one would overwrite."""
 
+import itertools
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
@@ -73,18 +74,34 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _new_folder(folder: Path) -> Path:
+    """`folder`, made here, or if it exists already (another run started in the same second:
+    a script's loop, a job array) folder_1, folder_2, ...: each run its own."""
+    for n in itertools.count():
+        candidate = folder.with_name(f"{folder.name}_{n}") if n else folder
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+
+
 class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # The run folder: Hydra's, unless output_dir was given in its place.
         given = not OmegaConf.is_interpolation(config, "output_dir")
         folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
+        run_dir_given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        if not (given or run_dir_given):  # Hydra's own, outputs/DATE/TIME
+            folder = _new_folder(folder)
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(folder)
         cfg = config.copy()
         with open_dict(cfg):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
         try:
             check_config(cfg)
-            check(config.trainer.get("strategy"), multirun=False,
-                  run_dir_given=any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra))
+            check(config.trainer.get("strategy"), multirun=False, run_dir_given=run_dir_given)
             # Every process of a DDP run checks the folder, so that all of them stop on a
             # refusal (one left waiting for the others would hang until the process group's
             # time-out). prepare_only writes nothing there but a vocabulary, which checks itself.
