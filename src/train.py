@@ -119,7 +119,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
     module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
-        resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps)
+        resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, (output_dir / "metrics.json").exists())
     replace = cfg.overwrite and trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here

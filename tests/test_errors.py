@@ -1,5 +1,7 @@
 """Bad input ends with one `error:` line on stderr, a non-zero exit and nothing lost."""
 
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config
@@ -127,6 +129,12 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     assert last_error(proc).endswith("is at step 10, the run's end (trainer.max_steps=10): raise trainer.max_steps to train on")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
     assert (run_dir / "metrics.json").read_text() == metrics
+    # Stopped during its final validation or export (no metrics.json): resuming does those.
+    (run_dir / "metrics.json").unlink()
+    proc = run_train_here(run_dir, *SMOKE, cache, "ckpt_path=last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = json.loads((run_dir / "metrics.json").read_text())
+    assert finished["steps"] == 10 and finished["after"] == json.loads(metrics)["after"]
 
 
 def test_fill_mask_refuses_top_k_of_0(capsys):

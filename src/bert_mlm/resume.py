@@ -34,10 +34,13 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max_steps: int) -> None:
+def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max_steps: int,
+               finished: bool = False) -> None:
     """Refuses a checkpoint that cannot be read, of another model size, of a run on other
     data settings (its DataLoader position would be restored over other batches), or already
-    at `max_steps` (nothing to train: metrics.json would be rewritten empty), before anything runs."""
+    at `max_steps` of a `finished` run (nothing to train: its metrics.json would be rewritten
+    without figures), before anything runs. At max_steps of a run stopped during its final
+    validation or export, it goes on to those."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         saved = checkpoint["state_dict"]
@@ -67,6 +70,6 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
     if changed:
         raise UserError(f"the checkpoint's run was trained with {', '.join(changed)}: resume with its data "
                         "settings, or start a new run from its weights (model.pretrained=<run>/hf_model)")
-    if 0 < max_steps <= checkpoint["global_step"]:
+    if finished and 0 < max_steps <= checkpoint["global_step"]:
         raise UserError(f"{ckpt_path} is at step {checkpoint['global_step']}, the run's end (trainer.max_steps="
                         f"{max_steps}): raise trainer.max_steps to train on")
