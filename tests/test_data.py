@@ -136,6 +136,20 @@ def test_validation_is_a_fixed_sample_of_at_most_val_max_blocks(tokenizer, tmp_p
     assert sample["input_ids"] == again["input_ids"] and all(x in full["input_ids"] for x in sample["input_ids"])
 
 
+def test_validation_masks_the_same_whatever_the_training_masking(tokenizer, tmp_path):
+    """So that val/loss compares across a sweep over the masking (hparams_search=optuna's)."""
+    def val_batch(**masking):
+        dm = datamodule(tokenizer, tmp_path, max_length=32, val_max_blocks=8, num_workers=0, **masking)
+        return next(iter(dm.val_dataloader()))
+
+    bert = val_batch()
+    for other in ({"mlm_probability": 0.4}, {"whole_word_mask": True, "mask_prob": 0.5, "random_prob": 0.5}):
+        batch = val_batch(**other)
+        assert torch.equal(batch["labels"], bert["labels"]) and torch.equal(batch["input_ids"], bert["input_ids"])
+    chosen = (bert["labels"] != -100).float().mean()
+    assert 0.05 < chosen < 0.3 and not torch.equal(val_batch(val_mlm_probability=0.4)["labels"], bert["labels"])
+
+
 @pytest.mark.parametrize("gpu, cores, processes, workers", [
     (False, 64, 1, 0),  # training on the CPU: its threads have every core
     (True, 6, 1, 5),  # one core for the training process

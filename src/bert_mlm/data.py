@@ -120,6 +120,7 @@ class MLMDataModule(L.LightningDataModule):
         whole_word_mask: bool = False,
         mask_prob: Probability = 0.8,
         random_prob: Annotated[Probability, AfterValidator(_fits_with_mask_prob)] = 0.1,
+        val_mlm_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15,
         seed: int = 0,
         cache_dir: str | None = None,
     ):
@@ -161,7 +162,10 @@ class MLMDataModule(L.LightningDataModule):
             else None,
         )
         self.train_collator = MaskingCollator(**masking)
-        self.val_collator = MaskingCollator(**masking, fixed_masks=True)
+        # Validation masks as BERT does (15%, 80% [MASK] / 10% random, token by token) whatever
+        # the training's masking: val/loss then compares across runs and a sweep's jobs.
+        bert = {"mlm_probability": val_mlm_probability, "mask_prob": 0.8, "random_prob": 0.1, "continuation_ids": None}
+        self.val_collator = MaskingCollator(**{**masking, **bert}, fixed_masks=True)
         self.train_set = self.val_set = None
 
     def _raw(self) -> corpus.Corpus:
