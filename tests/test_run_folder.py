@@ -38,15 +38,16 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
 
     # Replacing it with settings or data that are then refused: it loses nothing. Hydra records the
     # refused run's settings in .hydra/ and train.log, past its own checks.
-    outputs = lambda: {k: v for k, v in snapshot(run_dir).items() if not k.startswith((".hydra", "train.log"))}  # noqa: E731
+    def outputs(files: dict[str, bytes]) -> dict[str, bytes]:
+        return {k: v for k, v in files.items() if not k.startswith((".hydra", "train.log"))}
+
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n" * 10)
     proc = run_train_here(run_dir, *args, "overwrite=true", "data=text", f"data.train_files=[{blank}]")
-    assert "holds no text" in last_error(proc) and outputs() == {k: v for k, v in before.items()
-                                                                  if not k.startswith((".hydra", "train.log"))}
+    assert "holds no text" in last_error(proc) and outputs(snapshot(run_dir)) == outputs(before)
     # Preparing data for it (prepare_only) writes nothing there: not refused, nothing cleared.
     assert run_train_here(run_dir, *args, "prepare_only=true").returncode == 0
-    assert outputs() == {k: v for k, v in before.items() if not k.startswith((".hydra", "train.log"))}
+    assert outputs(snapshot(run_dir)) == outputs(before)
 
     # A deliberate overwrite replaces the earlier run's outputs, none of them left mixed in.
     proc = run_train_here(run_dir, *args, "overwrite=true", "trainer.max_steps=6", "trainer.val_check_interval=3")
@@ -59,12 +60,16 @@ def test_a_sweep_into_an_earlier_sweep_folder_is_refused(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = ["-m", f"hydra.sweep.dir={sweep_dir}", *SMOKE, "trainer.max_steps=2", "trainer.val_check_interval=2",
             f"data.cache_dir={tmp_path / 'cache'}"]
-    first = run_train_here(tmp_path / "unused", *args)
-    assert first.returncode == 0 and "sweep of 1 job," in first.stdout  # its summary, though too short to time
+    first = run_train_here(tmp_path / "unused", *args, "model.lr=1e-3,2e-3")
+    assert first.returncode == 0 and "sweep of 2 jobs," in first.stdout  # its summary, though too short to time
     before = snapshot(sweep_dir)
     line = last_error(run_train_here(tmp_path / "unused", *args))
-    assert "already holds a run" in line and str(sweep_dir / "0") in line, line
+    assert "already holds a run" in line and str(sweep_dir / "0") in line and "hydra.sweep.dir=" in line, line
     assert snapshot(sweep_dir) == before
+    # Replaced by a sweep of one job: it replaces job 0 only, and its summary is of its own job.
+    again = run_train_here(tmp_path / "unused", *args, "overwrite=true")
+    assert again.returncode == 0 and "sweep of 1 job," in again.stdout, again.stderr[-3000:]
+    assert (sweep_dir / "1" / "metrics.json").read_bytes() == before["1/metrics.json"]
 
 
 def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):

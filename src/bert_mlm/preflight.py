@@ -33,7 +33,7 @@ def resumes(ckpt_path: str | None, folder: Path) -> bool:
     return ckpt_path == "last" or Path(ckpt_path).resolve().is_relative_to(folder.resolve())
 
 
-def claim(folder: Path, resuming: bool, overwrite: bool) -> None:
+def claim(folder: Path, resuming: bool, overwrite: bool, where: str = "hydra.run.dir") -> None:
     """Refuses a folder holding an earlier run unless the run resumes it or replaces it
     (`overwrite`: see `replacing`)."""
     if folder.exists() and not folder.is_dir():
@@ -42,7 +42,7 @@ def claim(folder: Path, resuming: bool, overwrite: bool) -> None:
         return
     if not overwrite:
         raise UserError(f"{folder} already holds a run: resume it with ckpt_path=last, start a new run "
-                        "in another folder (hydra.run.dir=...), or replace it with overwrite=true")
+                        f"in another folder ({where}=...), or replace it with overwrite=true")
 
 
 @contextmanager
@@ -118,6 +118,6 @@ class Preflight(Callback):
                 raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
             check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
-                claim(job, resumes(config.ckpt_path, job), config.overwrite)
+                claim(job, resumes(config.ckpt_path, job), config.overwrite, where="hydra.sweep.dir")
         except UserError as err:
             refuse(err)

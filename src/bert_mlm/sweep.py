@@ -5,20 +5,23 @@ table is printed."""
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import refuse
+from bert_mlm.module import VAL_METRICS as METRICS
 
-METRICS = ("val/loss", "val/ppl", "val/acc")
 
-
-def summarize(sweep_dir: Path) -> list[dict]:
-    """Writes summary.csv and returns its rows."""
+def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
+    """Writes summary.csv and returns its rows: the jobs started `since` (a time.time()),
+    not those an earlier sweep into the same folder (overwrite=true) left."""
     rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
+    started = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
+               and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= since - 1]  # file times can be coarse
+    for job in sorted(started):
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         after = metrics.get("after", {})
@@ -58,10 +61,13 @@ def table(rows: list[dict]) -> str:
 class SweepSummary(Callback):
     """A Hydra callback (hydra.callbacks in conf/hydra/default.yaml)."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            rows = summarize(sweep_dir)
+            rows = summarize(sweep_dir, self.started)
             jobs = f"{len(rows)} job" + "s" * (len(rows) != 1)
             print(f"\nsweep of {jobs}, best val/loss first ({sweep_dir / 'summary.csv'}):\n{table(rows)}")
             failed = sum(r["status"] == "failed" for r in rows)
