@@ -191,3 +191,15 @@ def test_each_1000_lines_are_one_stream_whatever_the_map_batch(tokenizer, tmp_pa
         expected += [[tokenizer.cls_token_id, *stream[i : i + 14], tokenizer.sep_token_id]
                      for i in range(0, len(stream) - 13, 14)]
     assert dm.train_set["input_ids"] == expected
+
+
+def test_validation_files_shared_with_training_are_warned_of(tmp_path, caplog):
+    import logging
+
+    from bert_mlm import corpus
+
+    text = tmp_path / "a.txt"
+    text.write_text("some text to train on\n" * 20)
+    with caplog.at_level(logging.WARNING, logger="bert_mlm.corpus"):
+        corpus.text_files([str(text)], [str(text)], str(tmp_path / "cache"))
+    assert "data.val_files and data.train_files share files" in caplog.text

@@ -365,3 +365,14 @@ def test_unigram_head_bias_starts_a_fresh_head_at_each_tokens_log_frequency(tmp_
     assert torch.logsumexp(bias, 0).item() == pytest.approx(0.0, abs=1e-4)  # a distribution over the vocabulary
     module.setup("fit")  # a head with a bias (trained, or set already) keeps it
     assert torch.equal(module.model.cls.predictions.bias, bias)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    module = tiny_module(warmup_steps=100)
+    module._trainer = SimpleNamespace(callbacks=[], estimated_stepping_batches=40, world_size=1, precision="32-true")
+    with caplog.at_level(logging.WARNING, logger="bert_mlm.module"):
+        module.configure_optimizers()
+    assert "model.warmup_steps=100 is not below the run's 40 steps: the lr never reaches" in caplog.text

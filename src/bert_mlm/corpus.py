@@ -1,6 +1,7 @@
 """The raw text: a DatasetDict with `train` and `validation` splits and one `text` column."""
 
 import codecs
+import logging
 from pathlib import Path
 
 import datasets
@@ -8,6 +9,7 @@ import datasets
 from bert_mlm.errors import UserError, find_cause
 
 Corpus = datasets.DatasetDict | datasets.IterableDatasetDict
+log = logging.getLogger(__name__)
 
 # `datasets` builder for each file type data=text accepts.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -94,6 +96,9 @@ def text_files(
     data_files = {"train": list(train_files)}
     if val_files:
         data_files["validation"] = list(val_files)
+    if val_files and set(map(str, val_files)) & set(map(str, train_files)):
+        log.warning("data.val_files and data.train_files share files: validation then measures text the "
+                    "model trains on, not how it does on unseen text")
     every_file = [f for files in data_files.values() for f in files]
     builder = _builder(every_file)
     try:

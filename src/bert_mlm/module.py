@@ -70,7 +70,7 @@ class MLMModule(L.LightningModule):
             if len(self.tokenizer) > config.vocab_size:
                 raise UserError(
                     f"the tokenizer has {len(self.tokenizer)} tokens but the model's embeddings hold "
-                    f"{config.vocab_size}: use the model's own tokenizer (model.tokenizer)"
+                    f"{config.vocab_size}: use the model's own tokenizer (model.tokenizer=null)"
                 )
             self.model = load_model(pretrained, config).train()  # from_pretrained returns eval mode
         else:
@@ -252,6 +252,9 @@ class MLMModule(L.LightningModule):
         total_steps = self.trainer.estimated_stepping_batches
         if total_steps == float("inf") and timer is None:
             raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+        if hp.warmup_steps >= total_steps:
+            log.warning(f"model.warmup_steps={hp.warmup_steps} is not below the run's {total_steps} steps: the lr "
+                        f"never reaches model.lr={hp.lr}")
         if self.trainer.world_size > 1:  # rank 0's clock, read at logging steps (where the host waits anyway)
             shared = {"broadcast": self.trainer.strategy.broadcast, "share_every": self.trainer.log_every_n_steps}
         else:
