@@ -87,7 +87,7 @@ def _tokenizer(cfg: DictConfig) -> str:
         return cfg.model.tokenizer or cfg.model.pretrained
     if cfg.model.pretrained:
         raise UserError("tokenizer.train=true makes a new vocabulary, which only a model from scratch "
-                        "can use: add model=tiny")
+                        "can use: set model.pretrained=null (or use model=tiny)")
     # A WordPiece vocabulary trained on the training text, kept in the run folder for a resumed
     # run or a DDP rank started later. The data module reads the text; its own tokenizer (the
     # configured one) is not used.

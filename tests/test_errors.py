@@ -56,6 +56,9 @@ CASES = {
     "checkpoints outside the run folder": (["callbacks.last.dirpath={d}/elsewhere"], "callbacks.last.dirpath="),
     "model folder without a model": (["model.pretrained={d}"], "holds no model"),
     "model that is not a BERT": (["model.pretrained={d}/gpt2"], "is a gpt2 model, not a BERT"),
+    "probe without a mask": (["callbacks.probes.sentences=[no mask here]"], "has no [MASK] to predict"),
+    "probe guesses above the vocabulary": (["callbacks.probes.top_k=100000"], "above the vocabulary's 30522 tokens"),
+    "job folder as working folder": (["hydra.job.chdir=true"], "hydra.job.chdir=true is not supported"),
     "sampler off": (["+trainer.use_distributed_sampler=false"], "trainer.use_distributed_sampler=false: the training data"),
     "no training batches": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: input should be greater than 0"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
@@ -117,6 +120,8 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     assert last_error(proc).startswith("error: checkpoint") and "another model" in last_error(proc)
     # Other batches, or other data: the saved DataLoader position would not be this run's.
     more = ["ckpt_path=last", "trainer.max_steps=20"]
+    proc = run_train_here(run_dir, *SMOKE, cache, "seed=7", *more)
+    assert last_error(proc).startswith("error: the checkpoint's run was trained with seed=42")
     proc = run_train_here(run_dir, *SMOKE, cache, "data.batch_size=4", *more)
     assert last_error(proc).startswith("error: the checkpoint's run was trained with data.batch_size=8")
     proc = run_train_here(run_dir, *SMOKE, cache, "data=text", f"data.train_files=[{README}]", *more)

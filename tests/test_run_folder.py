@@ -49,6 +49,13 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     assert run_train_here(run_dir, *args, "prepare_only=true").returncode == 0
     assert outputs(snapshot(run_dir)) == outputs(before)
 
+    # An overwrite killed while it checked its data left the run in .replaced/: the next run puts it back.
+    (run_dir / ".replaced").mkdir()
+    for name in ("checkpoints", "hf_model", "metrics.json"):
+        (run_dir / name).rename(run_dir / ".replaced" / name)
+    assert "already holds a run" in last_error(run_train_here(run_dir, *args))
+    assert outputs(snapshot(run_dir)) == outputs(before) and not (run_dir / ".replaced").exists()
+
     # A deliberate overwrite replaces the earlier run's outputs, none of them left mixed in.
     proc = run_train_here(run_dir, *args, "overwrite=true", "trainer.max_steps=6", "trainer.val_check_interval=3")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -81,6 +81,13 @@ def test_optuna_sweep(tmp_path):
     assert len(list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))) == 2
 
 
+def test_an_optuna_search_without_validation_is_refused_up_front(tmp_path):
+    line = last_error(run_train_here(None, "-m", "hparams_search=optuna", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                     *SMOKE, "trainer.limit_val_batches=0"))
+    assert line.endswith("minimises the final val/loss: validation cannot be off (trainer.limit_val_batches=0)")
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
 def test_a_failing_job_fails_alone(tmp_path):
     proc = sweep(tmp_path, "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "model.lr=-1,0.001")
     assert proc.returncode == 1 and "error: model.lr=-1" in proc.stderr and "Traceback" not in proc.stderr

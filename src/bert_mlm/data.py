@@ -194,7 +194,8 @@ class MLMDataModule(L.LightningDataModule):
     def changed_settings(self, state: dict) -> list[str]:
         """The settings of a checkpoint's run (its state_dict) that this one does not share."""
         saved = state.get("settings", {})
-        return [f"data.{k}={saved[k]}" for k in saved if self.settings.get(k) != saved[k]]
+        key = {"seed": "seed"}  # the run's seed; the others are data.* settings
+        return [f"{key.get(k, f'data.{k}')}={saved[k]}" for k in saved if self.settings.get(k) != saved[k]]
 
     def train_texts(self, batch_size: int = 1000):
         """The training text, in lists of up to `batch_size` lines (to train a tokenizer on)."""

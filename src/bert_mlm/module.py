@@ -169,8 +169,8 @@ class MLMModule(L.LightningModule):
         if step >= 0:
             raise UserError(
                 f"the training loss or its gradients were NaN or infinite at step {step}: that update was "
-                "skipped, so the weights and checkpoints/ stay finite; lower model.lr or raise "
-                "model.warmup_steps, then resume with ckpt_path=last"
+                "skipped, so the weights and checkpoints/ stay finite; start again with a lower model.lr or "
+                "more model.warmup_steps (a new run can start from a saved checkpoint's weights)"
             )
 
     def on_train_end(self):

@@ -18,6 +18,7 @@ from bert_mlm.requeue import requeued_checkpoint
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
+REPLACED = ".replaced"  # where they wait while a run with overwrite=true is checked
 
 
 def holds_run(folder: Path) -> bool:
@@ -50,7 +51,7 @@ def replacing(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[None]:
     """overwrite=true: the earlier run's outputs (but `keep`) are moved aside into .replaced/
     while the new run's data is checked (the body), then deleted. A run refused there, or
     stopped, gets them back; one killed there leaves them in .replaced/."""
-    aside = folder / ".replaced"
+    aside = folder / REPLACED
     _remove(aside)  # left by a run killed while replacing: the earlier run was being replaced
     moved = [name for name in RUN_OUTPUTS if name not in keep and (folder / name).exists()]
     aside.mkdir()
@@ -59,12 +60,22 @@ def replacing(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for name in moved:
-            _remove(folder / name)  # what the refused run began to write
-            (aside / name).rename(folder / name)
+        put_back(folder)
         raise
-    finally:
-        _remove(aside)
+    _remove(aside)
+
+
+def put_back(folder: Path) -> None:
+    """The earlier run's outputs from .replaced/ back into `folder`, over what a refused or
+    killed replacing run began to write. Several processes may try at once: one wins."""
+    aside = folder / REPLACED
+    for saved in sorted(aside.glob("*")):
+        try:
+            _remove(folder / saved.name)
+            saved.rename(folder / saved.name)
+        except OSError:  # another process of the run moved it first
+            pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -100,6 +111,11 @@ class Preflight(Callback):
         with open_dict(cfg):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
         try:
+            if config.hydra.job.chdir:
+                raise UserError("hydra.job.chdir=true is not supported: paths are read from the folder the command "
+                                "runs in, and the run folder is hydra.run.dir")
+            if not config.overwrite:  # an overwrite=true killed while it checked its data: the run is still there
+                put_back(folder)
             check_config(cfg)
             check(config.trainer.get("strategy"), multirun=False, run_dir_given=run_dir_given)
             # Every process of a DDP run checks the folder, so that all of them stop on a
@@ -117,6 +133,10 @@ class Preflight(Callback):
             if sweep.exists() and not sweep.is_dir():
                 raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
             check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
+            if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_")) and \
+                    OmegaConf.select(config, "trainer.limit_val_batches") == 0:
+                raise UserError("hparams_search=optuna minimises the final val/loss: validation cannot be off "
+                                "(trainer.limit_val_batches=0)")
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
                 claim(job, resumes(config.ckpt_path, job), config.overwrite, where="hydra.sweep.dir")
         except UserError as err:

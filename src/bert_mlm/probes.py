@@ -5,13 +5,29 @@ from typing import Annotated
 
 import lightning as L
 import torch
-from pydantic import Field, PositiveInt
 from lightning.pytorch.loggers import TensorBoardLogger
+from pydantic import Field, PositiveInt
+
+from bert_mlm.errors import UserError
 
 
 class MaskProbes(L.Callback):
     def __init__(self, sentences: Annotated[list[str], Field(min_length=1)], top_k: PositiveInt = 5):
         self.sentences, self.top_k = sentences, top_k
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Checked before the first validation, with the model's tokenizer: not found out at a
+        validation mid-training, where the run would stop before saving."""
+        tokenizer, model = pl_module.tokenizer, pl_module.model.config
+        if self.top_k > len(tokenizer):
+            raise UserError(f"callbacks.probes.top_k={self.top_k} is above the vocabulary's {len(tokenizer)} tokens")
+        for sentence in self.sentences:
+            if tokenizer.mask_token not in sentence:
+                raise UserError(f"callbacks.probes.sentences: {sentence[:40]!r} has no {tokenizer.mask_token} "
+                                "to predict: put one where a word should be guessed")
+            if len(tokenizer(sentence)["input_ids"]) > model.max_position_embeddings:
+                raise UserError(f"callbacks.probes.sentences: {sentence[:40]!r}... is longer than the model's "
+                                f"{model.max_position_embeddings} positions: shorten it")
 
     def predictions(self, pl_module) -> str:
         """A markdown table: sentence, then the top-k tokens with their probabilities."""
