@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from bert_mlm.preflight import holds_run
@@ -108,9 +109,14 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         first, second = (compose("train", overrides=SMOKE, return_hydra_config=True) for _ in range(2))
+        refused = compose("train", overrides=[*SMOKE, "model.lr=-1"], return_hydra_config=True)
     Preflight().on_run_start(first)
     with read_write(second):
         second.hydra.run.dir = first.hydra.run.dir  # outputs/DATE/TIME of the same second
     Preflight().on_run_start(second)
     assert Path(second.hydra.run.dir) == Path(first.hydra.run.dir).with_name(Path(first.hydra.run.dir).name + "_1")
     assert Path(first.hydra.run.dir).is_dir() and Path(second.hydra.run.dir).is_dir()
+    with pytest.raises(SystemExit):  # a refused command leaves no empty folder behind
+        Preflight().on_run_start(refused)
+    assert sorted(p.name for p in Path(first.hydra.run.dir).parent.iterdir()) == sorted(
+        Path(c.hydra.run.dir).name for c in (first, second))

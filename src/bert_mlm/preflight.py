@@ -3,9 +3,11 @@ record included): the settings are valid, and the folder does not already hold a
 this one would overwrite."""
 
 import itertools
+import os
 import shutil
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -67,15 +69,19 @@ def replacing(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[None]:
 
 def put_back(folder: Path) -> None:
     """The earlier run's outputs from .replaced/ back into `folder`, over what a refused or
-    killed replacing run began to write. Several processes may try at once: one wins."""
-    aside = folder / REPLACED
-    for saved in sorted(aside.glob("*")):
-        try:
-            _remove(folder / saved.name)
-            saved.rename(folder / saved.name)
-        except OSError:  # another process of the run moved it first
-            pass
-    shutil.rmtree(aside, ignore_errors=True)
+    killed replacing run began to write. The processes of a DDP run all try: the one whose
+    rename takes .replaced/ restores it while the others wait, so all then see the same folder."""
+    mine = folder / f"{REPLACED}-{os.getpid()}"
+    try:
+        (folder / REPLACED).rename(mine)
+    except OSError:  # none to put back, or another process took it
+        while any(folder.glob(f"{REPLACED}-*")):
+            time.sleep(0.1)
+        return
+    for saved in sorted(mine.iterdir()):
+        _remove(folder / saved.name)
+        saved.rename(folder / saved.name)
+    mine.rmdir()
 
 
 def _remove(path: Path) -> None:
@@ -103,7 +109,8 @@ class Preflight(Callback):
         given = not OmegaConf.is_interpolation(config, "output_dir")
         folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
         run_dir_given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-        if not (given or run_dir_given):  # Hydra's own, outputs/DATE/TIME
+        made = not (given or run_dir_given)  # Hydra's own, outputs/DATE/TIME
+        if made:
             folder = _new_folder(folder)
             with read_write(config.hydra.run):
                 config.hydra.run.dir = str(folder)
@@ -125,6 +132,9 @@ class Preflight(Callback):
                 resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
                 claim(folder, resuming, config.overwrite)
         except UserError as err:
+            if made:
+                with suppress(OSError):
+                    folder.rmdir()  # made empty here: a refused command leaves nothing behind
             refuse(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
