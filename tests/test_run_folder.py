@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import read_write
 
-from bert_mlm.preflight import holds_run
-from conftest import SMOKE, last_error, run_train_here
+from bert_mlm.preflight import Preflight, holds_run
+from conftest import CONF, SMOKE, last_error, run_train_here
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -100,12 +102,6 @@ def test_a_run_or_sweep_folder_that_is_a_file_is_refused(tmp_path):
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import read_write
-
-    from bert_mlm.preflight import Preflight
-    from conftest import CONF
-
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         first, second = (compose("train", overrides=SMOKE, return_hydra_config=True) for _ in range(2))
@@ -120,3 +116,17 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
         Preflight().on_run_start(refused)
     assert sorted(p.name for p in Path(first.hydra.run.dir).parent.iterdir()) == sorted(
         Path(c.hydra.run.dir).name for c in (first, second))
+
+
+def test_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        first, second = (compose("train", overrides=SMOKE,
+                                 return_hydra_config=True) for _ in range(2))
+    Preflight().on_multirun_start(first)
+    with read_write(second):
+        second.hydra.sweep.dir = first.hydra.sweep.dir  # multirun/DATE/TIME of the same second
+    Preflight().on_multirun_start(second)
+    own = Path(first.hydra.sweep.dir).with_name(Path(first.hydra.sweep.dir).name + "_1")
+    assert Path(second.hydra.sweep.dir) == own and own.is_dir()
+    assert f"hydra.sweep.dir={own}" in second.hydra.overrides.hydra  # what each job's config is made from

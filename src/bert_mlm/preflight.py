@@ -139,6 +139,13 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        made = not any(o.startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+        if made:  # Hydra's own, multirun/DATE/TIME: each sweep its own, as for runs
+            sweep = _new_folder(sweep)
+            with read_write(config.hydra):
+                config.hydra.sweep.dir = str(sweep)
+                # Each job's config is composed again from these overrides (Hydra's load_sweep_config).
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={sweep}")
         try:  # each job's settings are checked when it builds: a job that fails them fails alone
             if sweep.exists() and not sweep.is_dir():
                 raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
@@ -150,4 +157,7 @@ class Preflight(Callback):
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
                 claim(job, resumes(config.ckpt_path, job), config.overwrite, where="hydra.sweep.dir")
         except UserError as err:
+            if made:
+                with suppress(OSError):
+                    sweep.rmdir()
             refuse(err)
