@@ -7,9 +7,9 @@ import functools
 import inspect
 import re
 import typing
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import lightning as L

@@ -69,8 +69,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_config(name: str) -> BertConfig:
     try:
-        kind = PretrainedConfig.get_config_dict(locate(name))[0].get("model_type", "bert")
-        config = BertConfig.from_pretrained(locate(name))
+        path = locate(name)
+        kind = PretrainedConfig.get_config_dict(path)[0].get("model_type", "bert")
+        config = BertConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise _hub_error("model", name, err) from err
     if kind != "bert":  # BertConfig reads any config.json, and not one weight would load
