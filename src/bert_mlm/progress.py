@@ -16,11 +16,15 @@ SHOWN = ("train/loss", "train/tokens_per_sec", "train/mfu")
 
 
 class StepProgressBar(TQDMProgressBar):
-    _shown: dict[str, float] = {}  # replaced, never changed in place: no instance shares another's
+    # Replaced, never changed in place: no instance shares another's.
+    _shown: dict[str, float] = {}
+    _read_at = -1
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        if logs_at(trainer.global_step, trainer):  # values read once, where the host waits anyway
+        step = trainer.global_step
+        if step != self._read_at and logs_at(step, trainer):  # read once, where the host waits anyway
             self._shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k in SHOWN}
+            self._read_at = step
         return {**super().get_metrics(trainer, pl_module), **self._shown}
 
     def on_train_start(self, trainer, *args):
