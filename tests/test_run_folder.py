@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import read_write
+from omegaconf import OmegaConf, read_write
 
 from bert_mlm.preflight import Preflight, holds_run
 from conftest import CONF, SMOKE, last_error, run_train_here
@@ -104,29 +104,29 @@ def test_a_run_or_sweep_folder_that_is_a_file_is_refused(tmp_path):
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        first, second = (compose("train", overrides=SMOKE, return_hydra_config=True) for _ in range(2))
+        config, named = (compose("train", overrides=SMOKE, return_hydra_config=True) for _ in range(2))
         refused = compose("train", overrides=[*SMOKE, "model.lr=-1"], return_hydra_config=True)
-    Preflight().on_run_start(first)
-    with read_write(second):
-        second.hydra.run.dir = first.hydra.run.dir  # outputs/DATE/TIME of the same second
-    Preflight().on_run_start(second)
-    assert Path(second.hydra.run.dir) == Path(first.hydra.run.dir).with_name(Path(first.hydra.run.dir).name + "_1")
-    assert Path(first.hydra.run.dir).is_dir() and Path(second.hydra.run.dir).is_dir()
+    taken = Path(OmegaConf.select(config, "hydra.run.dir"))  # outputs/DATE/TIME (resolved once a config)
+    taken.mkdir(parents=True)  # by another run started in the same second
+    Preflight().on_run_start(config)
+    assert Path(config.hydra.run.dir) == taken.with_name(taken.name + "_1") and Path(config.hydra.run.dir).is_dir()
     with pytest.raises(SystemExit):  # a refused command leaves no empty folder behind
         Preflight().on_run_start(refused)
-    assert sorted(p.name for p in Path(first.hydra.run.dir).parent.iterdir()) == sorted(
-        Path(c.hydra.run.dir).name for c in (first, second))
+    assert sorted(p.name for p in taken.parent.iterdir()) == [taken.name, taken.name + "_1"]
+    # A folder given by name (here in the config, not on the command line) may be a run to resume: kept.
+    with read_write(named):
+        named.hydra.run.dir = str(taken)
+    Preflight().on_run_start(named)
+    assert named.hydra.run.dir == str(taken)
 
 
 def test_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        first, second = (compose("train", overrides=SMOKE,
-                                 return_hydra_config=True) for _ in range(2))
-    Preflight().on_multirun_start(first)
-    with read_write(second):
-        second.hydra.sweep.dir = first.hydra.sweep.dir  # multirun/DATE/TIME of the same second
-    Preflight().on_multirun_start(second)
-    own = Path(first.hydra.sweep.dir).with_name(Path(first.hydra.sweep.dir).name + "_1")
-    assert Path(second.hydra.sweep.dir) == own and own.is_dir()
-    assert f"hydra.sweep.dir={own}" in second.hydra.overrides.hydra  # what each job's config is made from
+        config = compose("train", overrides=SMOKE, return_hydra_config=True)
+    taken = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+    taken.mkdir(parents=True)
+    Preflight().on_multirun_start(config)
+    own = taken.with_name(taken.name + "_1")
+    assert Path(config.hydra.sweep.dir) == own and own.is_dir()
+    assert f"hydra.sweep.dir={own}" in config.hydra.overrides.hydra  # what each job's config is made from

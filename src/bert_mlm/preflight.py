@@ -91,6 +91,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _timestamped(node: DictConfig) -> bool:
+    """Whether a run or sweep folder is named by the time it starts (Hydra's ${now:...}, as in
+    conf/hydra/default.yaml), not given: a folder given by name may be a run to resume."""
+    return "${now:" in str(OmegaConf.to_container(node, resolve=False).get("dir"))
+
+
 def _new_folder(folder: Path) -> Path:
     """`folder`, made here, or if it exists already (another run started in the same second:
     a script's loop, a job array) folder_1, folder_2, ...: each run its own."""
@@ -109,7 +115,7 @@ class Preflight(Callback):
         given = not OmegaConf.is_interpolation(config, "output_dir")
         folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
         run_dir_given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-        made = not (given or run_dir_given)  # Hydra's own, outputs/DATE/TIME
+        made = not given and _timestamped(config.hydra.run)  # Hydra's own, outputs/DATE/TIME
         if made:
             folder = _new_folder(folder)
             with read_write(config.hydra.run):
@@ -139,7 +145,7 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        made = not any(o.startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+        made = _timestamped(config.hydra.sweep)
         if made:  # Hydra's own, multirun/DATE/TIME: each sweep its own, as for runs
             sweep = _new_folder(sweep)
             with read_write(config.hydra):
