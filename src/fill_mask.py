@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from bert_mlm import MLMModule, UserError
 from bert_mlm.checks import check_values
 from bert_mlm.errors import refuse
-from bert_mlm.pretrained import locate
+from bert_mlm import pretrained
 
 
 class Options(BaseModel):
@@ -43,7 +43,7 @@ def load(source: str, device: str):
     if (path / "hf_model").is_dir():
         path = path / "hf_model"
     try:
-        return pipeline("fill-mask", model=locate(str(path)), device=device)
+        return pipeline("fill-mask", model=pretrained.source(str(path)), device=device)
     except (OSError, ValueError) as err:  # no such model; a folder without one (no model_type)
         raise UserError(f"could not load a model from '{source}': give a run folder, a model folder, "
                         "a .ckpt or a hub name") from err

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 
 from bert_mlm.errors import UserError, find_cause
+from bert_mlm.hub import hub_reachable
 
 Corpus = datasets.DatasetDict | datasets.IterableDatasetDict
 log = logging.getLogger(__name__)
@@ -113,12 +114,14 @@ def text_files(
 
 def hub(name: str, config: str | None, cache_dir: str | None, streaming: bool = False) -> Corpus:
     """A dataset from the Hugging Face hub, e.g. wikitext / wikitext-103-raw-v1."""
+    online = hub_reachable()
     try:
         return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming,
                                      writer_batch_size=TEXT_BATCH)
     except Exception as err:  # offline, unknown name or config: all end the same way
+        where = "from the hub" if online else "from the local cache (the hub is unreachable)"
         raise UserError(
-            f"could not load data.hub_dataset={name} with data.hub_config={config} from the hub: "
+            f"could not load data.hub_dataset={name} with data.hub_config={config} {where}: "
             f"{type(err).__name__}; check both (hub_config: one of the dataset's configs, or null), "
             "or offline use data=pydocs or data=text with local files"
         ) from err

