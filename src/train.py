@@ -20,7 +20,7 @@ from bert_mlm.cadence import val_check_interval
 from bert_mlm.checks import building, check_config
 from bert_mlm.exits import print_resume_command, user_message
 from bert_mlm.interrupt import ctrl_c_as_sigterm
-from bert_mlm.preflight import replacing, resumes
+from bert_mlm.preflight import keep_failed_log, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
@@ -120,7 +120,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
         resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, (output_dir / "metrics.json").exists())
-    replace = cfg.overwrite and trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
+    new_run = trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
+    if new_run and not cfg.overwrite:  # the folder holds no run (preflight.claim), but may hold a failed one's log
+        keep_failed_log(output_dir)
+    replace = cfg.overwrite and new_run
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
         before = report.val_metrics(trainer.validate(module, datamodule))

@@ -130,3 +130,16 @@ def test_sweeps_started_in_the_same_second_get_folders_of_their_own(tmp_path, mo
     own = taken.with_name(taken.name + "_1")
     assert Path(config.hydra.sweep.dir) == own and own.is_dir()
     assert f"hydra.sweep.dir={own}" in config.hydra.overrides.hydra  # what each job's config is made from
+
+
+def test_a_new_run_keeps_the_log_of_a_run_that_failed_there_apart(tmp_path):
+    run_dir = tmp_path / "run"
+    failed = run_dir / "tensorboard" / "events.out.tfevents.1.host.1.0"
+    failed.parent.mkdir(parents=True)
+    failed.write_bytes(b"the failed run's curves")
+    proc = run_train_here(run_dir, *SMOKE, "logger=tensorboard", f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (kept,) = run_dir.glob("tensorboard-*")  # a run of its own to TensorBoard, with nothing of the new one
+    assert [p.read_bytes() for p in kept.iterdir()] == [b"the failed run's curves"]
+    assert failed.name not in [p.name for p in (run_dir / "tensorboard").iterdir()]
+    assert "held the TensorBoard log of a run that saved no checkpoint" in proc.stdout + proc.stderr

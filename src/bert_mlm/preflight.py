@@ -3,6 +3,7 @@ record included): the settings are valid, and the folder does not already hold a
 this one would overwrite."""
 
 import itertools
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,7 @@ from bert_mlm.requeue import requeued_checkpoint
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
 REPLACED = ".replaced"  # where they wait while a run with overwrite=true is checked
+log = logging.getLogger(__name__)
 
 
 def holds_run(folder: Path) -> bool:
@@ -82,6 +84,18 @@ def put_back(folder: Path) -> None:
         _remove(folder / saved.name)
         saved.rename(folder / saved.name)
     mine.rmdir()
+
+
+def keep_failed_log(folder: Path) -> None:
+    """A new run in a folder where an earlier one failed before its first checkpoint: that
+    run's TensorBoard log moves to tensorboard-<its time>/ (a run of its own to TensorBoard),
+    so that the two runs' curves are not drawn as one."""
+    log_dir = folder / "tensorboard"
+    if log_dir.is_dir():
+        when = time.localtime(log_dir.stat().st_mtime)
+        kept = _new_folder(log_dir.with_name(f"tensorboard-{time.strftime('%Y%m%d-%H%M%S', when)}"))
+        log_dir.rename(kept)  # onto the empty folder just made
+        log.warning(f"{folder} held the TensorBoard log of a run that saved no checkpoint: kept as {kept.name}/")
 
 
 def _remove(path: Path) -> None:
