@@ -5,6 +5,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import lightning as L
@@ -18,8 +19,9 @@ from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
 from bert_mlm.cadence import val_check_interval
 from bert_mlm.checks import building, check_config
+from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, user_message
-from bert_mlm.interrupt import ctrl_c_as_sigterm
+from bert_mlm.interrupt import stop_signals
 from bert_mlm.preflight import keep_failed_log, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
@@ -138,9 +140,14 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
+    print_resume_command(cfg.output_dir, "Ctrl-C" if ctrl_c else "SIGTERM")
+    sys.exit(130 if ctrl_c else 143)  # 128 + the signal, as a shell reports it
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with ctrl_c_as_sigterm() as ctrl_c, stop_on_slurm_warning() as slurm_warning:
+    with stop_signals() as ctrl_c, stop_on_slurm_warning() as slurm_warning:
         try:
             if cfg.prepare_only:
                 return prepare(cfg)
@@ -151,9 +158,10 @@ def main(cfg: DictConfig) -> float:
             requeue.requeue()
             sys.exit(128 + SIGNAL)
         except (SIGTERMException, KeyboardInterrupt):
-            print_resume_command(cfg.output_dir, "Ctrl-C" if ctrl_c.pressed else "SIGTERM")
-            sys.exit(130 if ctrl_c.pressed else 143)  # 128 + the signal, as a shell reports it
+            _stopped(cfg, ctrl_c.pressed)
         except Exception as err:
+            if find_cause(err, (SIGTERMException, KeyboardInterrupt)):  # a library that was stopped raised its own
+                _stopped(cfg, ctrl_c.pressed)
             message = user_message(err, [*(cfg.data.get("train_files") or []), *(cfg.data.get("val_files") or [])])
             if message is None:
                 raise

@@ -100,20 +100,64 @@ def test_killed_gpu_run_resumes_exactly(tmp_path):
 
 
 def test_ctrl_c_is_sigterm_once_then_the_default(monkeypatch):
-    from bert_mlm.interrupt import ctrl_c_as_sigterm
+    from bert_mlm.interrupt import stop_signals
 
     # As in a terminal, whatever this process inherited (a background job ignores Ctrl-C).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     received = []
     monkeypatch.setattr(signal, "getsignal", lambda s: (lambda *a: received.append(a[0])) if s == signal.SIGTERM else None)
-    with ctrl_c_as_sigterm() as ctrl_c:
+    with stop_signals() as ctrl_c:
         signal.raise_signal(signal.SIGINT)
         assert received == [signal.SIGTERM] and ctrl_c.pressed  # as if SIGTERM came: Lightning's stop
         assert signal.signal(signal.SIGINT, signal.SIG_IGN) == signal.SIG_DFL  # a second one ends the process
     monkeypatch.undo()
-    with ctrl_c_as_sigterm(), pytest.raises(KeyboardInterrupt):  # no Trainer listening for SIGTERM
+    with stop_signals(), pytest.raises(KeyboardInterrupt):  # no Trainer listening for SIGTERM
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+def test_sigterm_outside_a_trainer_stops_at_once_and_leaves_lightning_its_own():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from bert_mlm.interrupt import stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(SIGTERMException):  # preparing data: train.py prints how it stopped
+            signal.raise_signal(signal.SIGTERM)
+        # A Trainer's run: Lightning's handler calls the one it found after its own, and stops
+        # after the batch; ours must not break off the batch.
+        called = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: (called.append(signum), ours(signum, frame)))
+        signal.raise_signal(signal.SIGTERM)
+        assert called == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, ours)  # Lightning puts back what it found
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raised", "wrapped by a library"])
+def test_sigterm_while_data_is_read_says_how_it_stopped(tmp_path, monkeypatch, wrapped):
+    """Before any Trainer runs (reading, tokenizing), where Lightning has no handler yet."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from bert_mlm import corpus
+
+    def stopped_while_reading(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except SIGTERMException:
+            if wrapped:  # as `datasets` does from a pool of processes: its own error, in handling ours
+                raise TimeoutError("a pool that was stopped")  # noqa: B904 (the context is the point)
+            raise
+
+    monkeypatch.setattr(corpus, "text_files", stopped_while_reading)
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to read.\n" * 50)
+    proc = run_train_here(tmp_path / "run", *SMOKE, "data=text", f"data.train_files=[{text}]")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "stopped by SIGTERM" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
