@@ -26,6 +26,7 @@ def files(tmp_path):
     (tmp_path / "text.txt").write_text(f"{TEXT}\n" * 50)
     (tmp_path / "blank.txt").write_text("   \n\t\n \n" * 20)
     (tmp_path / "numbers.jsonl").write_text("".join(f'{{"text": {i}}}\n' for i in range(50)))
+    (tmp_path / "one-number.jsonl").write_text("".join(f'{{"text": "{TEXT} {i}"}}\n' for i in range(6)) + '{"text": 7}\n')
     (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=tokenizer.vocab_size).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
@@ -88,6 +89,8 @@ CASES = {
         ["data=text", "data.train_files=[{d}/text.txt]", "data.val_files=[{d}/blank.txt]"], "data.val_files"
     ),
     "numbers in the text column": (["data=text", "data.train_files=[{d}/numbers.jsonl]"], "data.text_column"),
+    "a number in one row of the text column": (["data=text", "data.train_files=[{d}/one-number.jsonl]"],
+                                               "row 7 of the train data holds 7 in column 'text'"),
     "empty validation file": (["data=text", "data.train_files=[{d}/text.txt]", "data.val_files=[{d}/empty.txt]"],
                               "empty.txt' is empty"),
 }

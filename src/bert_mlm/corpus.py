@@ -158,6 +158,10 @@ def with_validation(
         raise UserError(f"the data has no column '{text_column}' (it has {columns}): set data.text_column")
     for name, rows in raw.items():
         kind = _column_kind(rows, text_column)
+        if kind == "Json" and isinstance(rows, datasets.Dataset):  # text in most rows, other values in some
+            row, value = next((i, v) for i, v in enumerate(rows[text_column]) if not isinstance(v, str))
+            raise UserError(f"row {row + 1} of the {name} data holds {value!r} in column '{text_column}', "
+                            "where every row needs text: fix or drop that row")
         if kind not in ("string", "large_string", None):
             raise UserError(f"the {name} data's column '{text_column}' holds {kind} values, not text: "
                             "set data.text_column to the column with the text")
