@@ -94,6 +94,8 @@ def test_labels_hold_originals_only_at_chosen_positions():
     assert chosen.any() and (batch["input_ids"][chosen] != ids[chosen]).any()
     assert batch["labels"].equal(torch.where(chosen, ids, IGNORE))
     assert batch["input_ids"][~chosen].equal(ids[~chosen])
+    # The positions the model's head predicts, found here rather than on the GPU.
+    assert batch["masked_positions"].equal(chosen.flatten().nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize("lengths, width", [([5, 13, 9], 16), ([14], 16), ([15], 24), ([1, 2], 8)])
@@ -104,6 +106,7 @@ def test_padding_to_multiple_of_8(lengths, width):
     for row, ex in zip(batch["attention_mask"], examples):
         n = len(ex["input_ids"])
         assert row[:n].eq(1).all() and row[n:].eq(0).all()
+    assert batch["has_padding"] is (len(set(lengths)) > 1 or (lengths[0] + 2) % 8 > 0)  # no mask needed without
 
 
 def epochs(loader, n=2) -> list[list[dict]]:

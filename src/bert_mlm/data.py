@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from bert_mlm import corpus
 from bert_mlm.checks import Probability
 from bert_mlm.errors import UserError
-from bert_mlm.masking import MaskingCollator, masked_positions
+from bert_mlm.masking import MaskingCollator
 from bert_mlm.order import EpochShuffle, WithMaskSeeds
 from bert_mlm.workers import auto_num_workers, available_cores
 
@@ -343,13 +343,6 @@ class MLMDataModule(L.LightningDataModule):
         sample = self.train_set.select(range(0, len(self.train_set), -(-len(self.train_set) // blocks)))
         ids = pc.list_flatten(sample.with_format("arrow")["input_ids"]).to_numpy()
         return np.bincount(ids, minlength=vocab_size)[:vocab_size]
-
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Found here on the host, where the batch still is: found on a GPU (boolean indexing,
-        # transformers' check for an all-ones mask) they would make the host wait for it every step.
-        batch["masked_positions"] = masked_positions(batch["labels"])
-        batch["has_padding"] = not batch["attention_mask"].all().item()
-        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:  # shuffled through a buffer as it is read

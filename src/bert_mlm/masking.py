@@ -122,8 +122,12 @@ class MaskingCollator:
         masked = torch.where(to_random, random_tokens, masked)
         return masked, labels
 
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor | bool]:
         input_ids, attention_mask = self.pad(examples)
         seeds = [e["mask_seed"] for e in examples] if "mask_seed" in examples[0] else None
         masked, labels = self.mask(input_ids, attention_mask, seeds)
-        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+        # Found here, in the DataLoader's workers, and pinned with the rest: found on a GPU
+        # (boolean indexing, transformers' check for an all-ones mask) they would make the host
+        # wait for it every step.
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels,
+                "masked_positions": masked_positions(labels), "has_padding": not attention_mask.all()}

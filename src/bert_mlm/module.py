@@ -131,7 +131,7 @@ class MLMModule(L.LightningModule):
         # No mask for blocks without padding (packed data): none to build, and SDPA's fastest kernels.
         mask = batch["attention_mask"] if batch.get("has_padding", True) else None
         hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state  # (B, T, H)
-        # (M,) flat indices into (B * T); MLMDataModule finds them on the host (no GPU sync).
+        # (M,) flat indices into (B * T); the collator finds them on the host (no GPU sync).
         positions = batch.get("masked_positions")
         if positions is None:
             positions = masked_positions(batch["labels"])
