@@ -218,3 +218,16 @@ def test_own_vocabulary(tmp_path, capsys):
     text.write_text("zebras and giraffes graze on the savanna\n" * 500)
     line = last_error(run_train_here(tmp_path / "text-run", *on_text))
     assert "holds a vocabulary trained with data.train_files=" in line and " bytes, modified " in line, line
+
+
+def test_the_progress_bar_shows_the_values_of_its_logging_step(cfg_of):
+    """Not those of the logging step before: the callbacks that log come before the bar."""
+    from bert_mlm.progress import SHOWN, StepProgressBar
+    from train import build
+
+    cfg = cfg_of(*SMOKE, "trainer.max_steps=8", "trainer.log_every_n_steps=2", "callbacks.throughput.warmup_batches=1")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule)
+    (bar,) = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
+    assert bar._read_at == 8 and set(bar._shown) == set(SHOWN)
+    assert bar._shown == {k: float(trainer.callback_metrics[k]) for k in SHOWN}  # logged at step 8

@@ -153,7 +153,6 @@ class MLMModule(L.LightningModule):
         if self.trainer.precision == "16-mixed":  # where overflowing gradients are routine
             self._note_if_nonfinite(loss)
         if self._logging_step():
-            self._stop_if_nonfinite()
             self.log("train/loss", loss)  # on the progress bar too (progress.SHOWN)
             self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
@@ -172,6 +171,11 @@ class MLMModule(L.LightningModule):
                 "skipped, so the weights and checkpoints/ stay finite; start again with a lower model.lr or "
                 "more model.warmup_steps (a new run can start from a saved checkpoint's weights)"
             )
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int):
+        # After this step's work is queued: the host waits once for it and for the logged values.
+        if logs_at(self.global_step, self.trainer):
+            self._stop_if_nonfinite()
 
     def on_train_end(self):
         self._stop_if_nonfinite()
