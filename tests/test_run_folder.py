@@ -143,3 +143,20 @@ def test_a_new_run_keeps_the_log_of_a_run_that_failed_there_apart(tmp_path):
     assert [p.read_bytes() for p in kept.iterdir()] == [b"the failed run's curves"]
     assert failed.name not in [p.name for p in (run_dir / "tensorboard").iterdir()]
     assert "held the TensorBoard log of a run that saved no checkpoint" in proc.stdout + proc.stderr
+
+
+def test_outputs_a_killed_process_was_putting_back_are_put_back_by_the_next(tmp_path, monkeypatch):
+    from bert_mlm import preflight
+
+    monkeypatch.setattr(preflight, "RESTORE_WAIT_S", 0.3)  # not 30 s: nothing else is at work here
+    run = tmp_path / "run"
+    left = run / ".replaced-999999999"  # a process killed half-way through putting them back
+    (left / "checkpoints").mkdir(parents=True)
+    (left / "checkpoints" / "last.ckpt").write_bytes(b"the earlier run's state")
+    (run / "metrics.json").write_text("{}")  # put back before it was killed
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best-step2.ckpt").write_bytes(b"the refused run's")
+    preflight.put_back(run)
+    assert snapshot(run) == {"metrics.json": b"{}", "checkpoints/last.ckpt": b"the earlier run's state"}
+    preflight.put_back(run)  # and then nothing more to do, at once
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json"]

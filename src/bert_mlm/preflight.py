@@ -22,6 +22,7 @@ from bert_mlm.requeue import requeued_checkpoint
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
 REPLACED = ".replaced"  # where they wait while a run with overwrite=true is checked
+RESTORE_WAIT_S = 30.0  # putting them back takes a few renames: a process still at it after this was killed
 log = logging.getLogger(__name__)
 
 
@@ -72,14 +73,22 @@ def replacing(folder: Path, keep: tuple[str, ...] = ()) -> Iterator[None]:
 def put_back(folder: Path) -> None:
     """The earlier run's outputs from .replaced/ back into `folder`, over what a refused or
     killed replacing run began to write. The processes of a DDP run all try: the one whose
-    rename takes .replaced/ restores it while the others wait, so all then see the same folder."""
+    rename takes .replaced/ restores it while the others wait, so all then see the same folder.
+    What a process killed while restoring left (.replaced-PID/, still there after
+    RESTORE_WAIT_S) is restored by the next."""
     mine = folder / f"{REPLACED}-{os.getpid()}"
     try:
         (folder / REPLACED).rename(mine)
     except OSError:  # none to put back, or another process took it
-        while any(folder.glob(f"{REPLACED}-*")):
+        deadline = time.monotonic() + RESTORE_WAIT_S
+        while (taken := sorted(folder.glob(f"{REPLACED}-*"))) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return
+        if not taken:
+            return
+        try:
+            taken[0].rename(mine)
+        except OSError:  # another process took it over first
+            return
     for saved in sorted(mine.iterdir()):
         _remove(folder / saved.name)
         saved.rename(folder / saved.name)
