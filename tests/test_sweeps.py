@@ -5,9 +5,12 @@ import csv
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 from datetime import datetime
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -79,6 +82,28 @@ def test_optuna_sweep(tmp_path):
     results = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in results and "model.lr" in results
     assert len(list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))) == 2
+
+
+class StopAtStep4(L.Callback):
+    """SIGTERM, as SLURM sends it, at step 4 (after step 4 of a resumed run: never again)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stopped_optuna_trial_resumes_as_a_run_with_the_command_it_printed(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train_here(None, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1",
+                          f"hydra.sweep.dir={sweep_dir}", "+callbacks.stop._target_=test_sweeps.StopAtStep4", *SMOKE,
+                          f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=8")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    printed = shlex.split(proc.stderr.split("Resume with:\n")[1].splitlines()[0])
+    assert printed[:3] == ["python", "-m", "train"]
+    resumed = run_train_here(None, *printed[3:])  # not a new search: the trial, to its end
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["steps"] == 8
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0"]
 
 
 def test_an_optuna_search_without_validation_is_refused_up_front(tmp_path):

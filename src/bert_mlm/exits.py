@@ -39,6 +39,13 @@ def _message(err: BaseException, data_files: list[str]) -> str | None:
     return None
 
 
+def resume_overrides(task: list[str], output_dir: str) -> list[str]:
+    """The overrides of the run, or sweep job, that resume it from its run folder. A job of an
+    Optuna search (hparams_search=, which makes a command a sweep) resumes as a single run."""
+    dropped = ("ckpt_path=", "overwrite=", "hparams_search=")
+    return [*(o for o in task if not o.startswith(dropped)), "ckpt_path=last", f"hydra.run.dir={output_dir}"]
+
+
 def print_resume_command(output_dir: str, stopped_by: str) -> None:
     """After a stop by a signal: the command that goes on from checkpoints/last.ckpt."""
     last = last_checkpoint(output_dir)
@@ -46,7 +53,6 @@ def print_resume_command(output_dir: str, stopped_by: str) -> None:
         print(f"stopped by {stopped_by}; no {last} was written (nothing trained yet, or callbacks.last "
               "left out): nothing to resume", file=sys.stderr)
         return
-    kept = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "overwrite="))]
-    command = " ".join(shlex.quote(o) for o in [*kept, "ckpt_path=last", f"hydra.run.dir={output_dir}"])
+    command = " ".join(shlex.quote(o) for o in resume_overrides(HydraConfig.get().overrides.task, output_dir))
     print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
           f"  python -m train {command}", file=sys.stderr)
