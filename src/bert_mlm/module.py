@@ -62,6 +62,7 @@ class MLMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self._saved_rng: dict | None = None  # a resumed run's RNG states, restored when training starts
         self.tokenizer = load_tokenizer(tokenizer or pretrained)
         if pretrained:
             config = load_config(pretrained)
@@ -143,9 +144,6 @@ class MLMModule(L.LightningModule):
         host a wait for the device on the other steps."""
         return logs_at(self.global_step + 1, self.trainer)
 
-    def on_train_start(self):
-        self.nonfinite_step = torch.tensor(-1, device=self.device)  # the first with NaN/inf gradients
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, targets = self.masked_logits(batch)
         # A sum over max(M, 1) rather than a mean: a batch with no masked token gives 0, not NaN.
@@ -204,16 +202,21 @@ class MLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict):
         # Lightning keeps no RNG state; dropout needs it for a resumed run to match exactly.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this GPU's only: a resumed run may see fewer
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict):
-        states = checkpoint.get("rng_states")
+        # Restored when training starts: loading a checkpoint to use it changes no RNG.
+        self._saved_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        self.nonfinite_step = torch.tensor(-1, device=self.device)  # the first with NaN/inf gradients
+        states, self._saved_rng = self._saved_rng, None
         if states:
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
-            if "cuda" in states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            if self.device.type == "cuda" and torch.is_tensor(states.get("cuda")):  # not of a CPU run
+                torch.cuda.set_rng_state(states["cuda"], self.device)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Called before every optimizer step: the gradients' norm, logged, used to skip an
