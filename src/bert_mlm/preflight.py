@@ -143,6 +143,9 @@ class Preflight(Callback):
             folder = _new_folder(folder)
             with read_write(config.hydra.run):
                 config.hydra.run.dir = str(folder)
+        if config.prepare_only:  # it trains nothing: no .hydra/ record, over that of a run in the folder
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
         cfg = config.copy()
         with open_dict(cfg):
             cfg.output_dir = str(folder)  # ${hydra:runtime.output_dir} is only set later
