@@ -46,5 +46,6 @@ gpu-check: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir_spec outputs:outputs,multirun:multirun
 
+# Benchmark and test leftovers only: runs (outputs/, multirun/) hold trained models; delete those by hand
 clean:
-	rm -rf outputs multirun .pytest_cache .bench .bench-data gpu-check
+	rm -rf .pytest_cache .bench .bench-data gpu-check
