@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
-from bert_mlm.cadence import val_check_interval
+from bert_mlm.cadence import validation_cadence
 from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, user_message
@@ -67,7 +67,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
         trainer: L.Trainer = instantiate(
             cfg.trainer,
             precision=launch.precision(cfg.trainer.precision, cfg.trainer.accelerator),
-            val_check_interval=val_check_interval(cfg.trainer),
+            **validation_cadence(cfg.trainer),
             logger=logger,
             callbacks=[*built, *callbacks],
             _convert_="all",

@@ -130,10 +130,10 @@ def test_no_end_is_an_error_unless_there_is_a_budget():
 
 
 def test_a_budget_without_a_step_limit_validates_by_time(cfg_of):
-    from bert_mlm.cadence import val_check_interval
+    from bert_mlm.cadence import validation_cadence
 
     def interval(*overrides):
-        return val_check_interval(cfg_of(*overrides).trainer)
+        return validation_cadence(cfg_of(*overrides).trainer)["val_check_interval"]
 
     assert interval("trainer.max_steps=-1", "trainer.max_time=00:00:10:00") == {"seconds": 300}  # halfway
     assert interval("trainer.max_steps=-1", "trainer.max_time={days: 1}") == {"seconds": 3600}  # hourly

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF
+from conftest import CONF, SMOKE
 
 # Every config file on disk but train.yaml, as (group, option).
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*/*.yaml"))
@@ -84,9 +84,32 @@ def test_common_trainer_arguments_are_set_without_a_plus(cfg_of):
 
 
 def test_validation_cadence_suits_short_and_long_runs(cfg_of):
-    from bert_mlm.cadence import val_check_interval
+    from bert_mlm.cadence import validation_cadence
 
-    assert val_check_interval(cfg_of().trainer) == 20  # the default 40 steps: halfway and at the end
-    assert val_check_interval(cfg_of("trainer.max_steps=100000").trainer) == 1000
-    assert val_check_interval(cfg_of("trainer.max_steps=100000", "trainer.accumulate_grad_batches=4").trainer) == 4000
-    assert val_check_interval(cfg_of("trainer.val_check_interval=7").trainer) == 7
+    def interval(*overrides):
+        return validation_cadence(cfg_of(*overrides).trainer)["val_check_interval"]
+
+    assert interval() == 20  # the default 40 steps: halfway and at the end
+    assert interval("trainer.max_steps=100000") == 1000
+    assert interval("trainer.max_steps=100000", "trainer.accumulate_grad_batches=4") == 4000
+    assert interval("trainer.val_check_interval=7") == 7
+
+
+def test_a_run_by_epochs_validates_after_each(cfg_of):
+    import lightning as L
+
+    from train import build
+
+    class AtValidation(L.Callback):
+        steps = []
+
+        def on_validation_end(self, trainer, *args):
+            self.steps.append(trainer.global_step)
+
+    cfg = cfg_of(*SMOKE, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+                 "trainer.val_check_interval=null")
+    module, datamodule, trainer = build(cfg, callbacks=[AtValidation()])
+    trainer.fit(module, datamodule)
+    assert AtValidation.steps == [3, 6] and trainer.checkpoint_callback.best_model_path
+
+

@@ -14,18 +14,23 @@ def logs_at(step: int, trainer: L.Trainer) -> bool:
     return step % trainer.log_every_n_steps == 0
 
 
-def val_check_interval(trainer: DictConfig) -> int | float | str | dict:
-    """The Trainer's val_check_interval for the trainer config. Its null: every 1,000 steps,
-    or halfway through a shorter run (the default 40 steps: at 20 and 40). Lightning counts
-    batches, hence the accumulation. A time budget without a step limit (trainer.max_time,
-    max_steps=-1) has no step count to halve: it validates by time, halfway through the
-    budget or every hour in longer ones, and at its end (Lightning validates a run that stops early)."""
+def validation_cadence(trainer: DictConfig) -> dict:
+    """The Trainer's val_check_interval and check_val_every_n_epoch for the trainer config.
+    val_check_interval null: every 1,000 steps, or halfway through a shorter run (the default
+    40 steps: at 20 and 40); Lightning counts batches, hence the accumulation. A time budget
+    without a step limit (trainer.max_time, max_steps=-1) has no step count to halve: it
+    validates by time, halfway through the budget or every hour in longer ones, and at its end
+    (Lightning validates a run that stops early). A run by epochs validates after each epoch."""
+    cadence = {"val_check_interval": trainer.val_check_interval,
+               "check_val_every_n_epoch": trainer.check_val_every_n_epoch}
     if trainer.val_check_interval is not None:
-        return trainer.val_check_interval
+        return cadence
     if trainer.max_steps < 0 and trainer.max_time is not None:
-        return {"seconds": min(_seconds(trainer.max_time) / 2, 3600)}
+        return {**cadence, "val_check_interval": {"seconds": min(_seconds(trainer.max_time) / 2, 3600)}}
+    if trainer.max_steps < 0:  # by epochs: their length is not known yet
+        return {"val_check_interval": 1.0, "check_val_every_n_epoch": trainer.check_val_every_n_epoch or 1}
     steps = min(1000, trainer.max_steps // 2) if trainer.max_steps >= 2 else 1000
-    return steps * trainer.accumulate_grad_batches
+    return {**cadence, "val_check_interval": steps * trainer.accumulate_grad_batches}
 
 
 def _seconds(max_time: str | DictConfig) -> float:
