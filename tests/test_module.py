@@ -377,3 +377,24 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(caplog):
     with caplog.at_level(logging.WARNING, logger="bert_mlm.module"):
         module.configure_optimizers()
     assert "model.warmup_steps=100 is not below the run's 40 steps: the lr never reaches" in caplog.text
+
+
+def test_tokens_per_second_leave_out_validation_and_the_saves_after_it(tmp_path):
+    import time
+
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from bert_mlm import MLMDataModule
+    from bert_mlm.throughput import Throughput
+
+    class SlowSave(Checkpoint):  # Lightning runs checkpoint callbacks after all others
+        def on_validation_end(self, trainer, pl_module):
+            time.sleep(2)
+
+    module, throughput = tiny_module(), Throughput(warmup_batches=1)
+    data = MLMDataModule(module.tokenizer, max_length=64, batch_size=8, cache_dir=str(tmp_path))
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, accelerator="cpu", logger=False,
+                        callbacks=[throughput, SlowSave()], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert throughput._paused >= 4  # the two saves, at steps 2 and 4, at least
+    assert throughput.tokens_per_sec > 0

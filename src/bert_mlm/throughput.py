@@ -13,8 +13,9 @@ from bert_mlm.flops import flops_per_token, measure_peak_flops, peak_flops
 
 class Throughput(L.Callback):
     """Times training from the end of batch `warmup_batches` on, so the clock covers
-    data loading, masking, forward, backward and optimizer step of every later batch;
-    validation (and the checkpointing after it) is left out.
+    data loading, masking, forward, backward and optimizer step of every later batch, and
+    the periodic saves of last.ckpt; validation and the checkpoint saves after it (until
+    the next training batch starts) are left out.
     Tokens are summed on the device and read only when logged, to avoid a sync per step.
 
     MFU divides by `peak_tflops` when set, else by the datasheet bf16 peak of a known GPU,
@@ -26,12 +27,13 @@ class Throughput(L.Callback):
         self.peak_tflops = peak_tflops
         self.tokens_per_sec: float | None = None
         self._start = None  # also read by Lightning's sanity check, which comes before on_train_start
+        self._validation_start: float | None = None  # of a validation during training, until the next batch
 
     def on_train_start(self, trainer, pl_module):
         self._batches = 0
         self._tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)
-        self._start = None
-        self._paused = 0.0  # seconds spent in validation since the start
+        self._start = self._validation_start = None
+        self._paused = 0.0  # seconds spent in validation (and the saves after it) since the start
         self._flops_per_token = None
         device = pl_module.device
         if self.peak_tflops:
@@ -47,11 +49,17 @@ class Throughput(L.Callback):
         return tokens / (time.perf_counter() - self._start - self._paused)
 
     def on_validation_start(self, trainer, pl_module):
-        self._validation_start = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit" and self._start is not None:
+            self._validation_start = time.perf_counter()
+
+    def _end_pause(self):
+        # Not at validation's end: Lightning runs the checkpoint callbacks' saves after it.
+        if self._validation_start is not None:
             self._paused += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._end_pause()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches += 1
@@ -73,4 +81,5 @@ class Throughput(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self._start is None:
             return  # too few batches to measure
+        self._end_pause()  # the final validation's
         self.tokens_per_sec = self._rate(trainer.strategy.reduce(self._tokens.float(), reduce_op="sum").item())
