@@ -53,3 +53,12 @@ def test_with_bf16_as_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and logits.grad.dtype == torch.bfloat16
+
+
+def test_a_second_backward_through_the_loss_is_refused_not_wrong():
+    """The backward scales the gradient it saved in place: autograd must refuse to reuse it."""
+    logits = torch.randn(5, 11, requires_grad=True)
+    loss = summed_cross_entropy(logits, torch.randint(11, (5,))) * 2
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

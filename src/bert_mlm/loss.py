@@ -33,7 +33,9 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None
+        # In place: no second (M, V) tensor. A second backward through the same graph
+        # (retain_graph) is refused by autograd's version check rather than given this one.
+        return grad.mul_(grad_total.to(grad.dtype)), None
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -50,18 +50,18 @@ class StepProgressBar(TQDMProgressBar):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar = self.train_progress_bar
         if self._should_update(trainer.global_step, bar.total):
-            self._show(trainer, bar)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self._show(trainer, bar, refresh=False)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # and redraws, once a step
 
     @staticmethod
-    def _show(trainer, bar):
+    def _show(trainer, bar, refresh: bool = True):
         if bar.disable:
             return
         # A resumed run starts where it stopped: at its step, or its restored elapsed time.
         timer = _budget(trainer)
         bar.n = min(int(timer.time_elapsed()), bar.total) if timer else trainer.global_step
         step = f", step {trainer.global_step}" if timer else ""
-        bar.set_description(f"Training (epoch {trainer.current_epoch}{step})")  # and redraws
+        bar.set_description(f"Training (epoch {trainer.current_epoch}{step})", refresh=refresh)
 
 
 def _budget(trainer) -> Timer | None:
