@@ -167,3 +167,12 @@ def test_more_jobs_at_once_than_gpus_is_refused(tmp_path):
     proc = run_train_here(tmp_path / "unused", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMOKE, "trainer=gpu",
                           "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n}", "seed=1,2")
     assert last_error(proc).startswith(f"error: hydra.launcher.n_jobs={n} runs {n} jobs at once, one GPU each, but")
+
+
+def test_the_summary_lists_failed_jobs_in_job_order(tmp_path):
+    from bert_mlm.sweep import summarize
+
+    for job in ("10", "2", "1"):  # three failed jobs: no metrics.json to sort them by
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}e-4\n")
+    assert [row["job"] for row in summarize(tmp_path)] == ["1", "2", "10"]

@@ -22,11 +22,14 @@ class MaskingCollator:
     of those, `mask_prob` become `[MASK]`, `random_prob` a random token and the rest
     stay. Labels hold the original token at chosen positions and IGNORE elsewhere.
 
-    The masks come from the collator's own generator, seeded with `seed` in the main
-    process and with the DataLoader's per-worker seed in workers, so the same seed
-    gives the same masks, each epoch gets new ones, and workers do not repeat each other.
-    With `fixed_masks` (for validation) a batch's masks depend only on `seed` and the
-    batch's tokens, so every validation pass scores the same masks.
+    Where the masks come from:
+    - training on a prepared corpus: each example brings a `mask_seed` (order.WithMaskSeeds:
+      from the seed, the epoch and the example), so its masks are the same whatever batch,
+      worker or process it lands in, and new each epoch;
+    - a stream (no example indices): the collator's own generator, seeded with `seed` in
+      the main process and with the DataLoader's per-worker seed in workers;
+    - validation (`fixed_masks`): a batch's masks depend only on `seed` and the batch's
+      tokens, so every validation pass scores the same masks.
     """
 
     def __init__(

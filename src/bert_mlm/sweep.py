@@ -21,7 +21,7 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     rows = []
     started = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
                and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= since - 1]  # file times can be coarse
-    for job in sorted(started):
+    for job in sorted(started, key=lambda p: (len(p.name), p.name)):  # 2 before 10
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         after = metrics.get("after", {})
