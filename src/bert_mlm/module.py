@@ -36,7 +36,10 @@ def _divides_hidden_size(num_heads: int, info: ValidationInfo) -> int:
 class MLMModule(L.LightningModule):
     """`pretrained` (a packaged name, a folder or a hub name) continues training that
     BERT; `pretrained=None` builds one from scratch with the size arguments and the
-    vocabulary of `tokenizer`."""
+    vocabulary of `tokenizer`. The training defaults here are BERT's usual ones (dropout
+    0.1, warm-up, linear decay, a zero head bias); `python -m train` uses the recipe
+    measured best in conf/model/ instead (minilm.yaml: no dropout, no warm-up, wsd,
+    unigram head bias): pass those to train as the command line does."""
 
     def __init__(
         self,
