@@ -10,18 +10,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from bert_mlm import corpus
 from bert_mlm.checkpoints import last_checkpoint
-from bert_mlm.errors import UserError
+from bert_mlm.errors import UserError, causes
 
 
 def user_message(err: BaseException | None, data_files: list[str] = ()) -> str | None:
     """What to tell the user about `err`, when it is theirs to fix (None: a bug, show it all).
     `data_files`: the run's data files, to name the one a decoding error came from."""
-    while err is not None:  # Hydra's instantiate, and other libraries, wrap what they catch
-        message = _message(err, data_files)
-        if message is not None:
-            return message
-        err = err.__cause__ or err.__context__
-    return None
+    return next((m for e in causes(err) if (m := _message(e, data_files)) is not None), None)
 
 
 def _message(err: BaseException, data_files: list[str]) -> str | None:
