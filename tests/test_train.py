@@ -184,6 +184,9 @@ def test_own_vocabulary(tmp_path, capsys):
     assert fill.tokenizer.tokenize("the function returns") == ["the", "function", "returns"]
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert len(fill("The [MASK] statement.")) == 5
+    # Resumed without its vocabulary (tokenizer.train left out): refused, naming the fix.
+    line = last_error(run_train_here(run_dir, *SMOKE, own[-1], "ckpt_path=last", "trainer.max_steps=60"))
+    assert "the checkpoint's run had another vocabulary" in line and "tokenizer.train=true" in line, line
 
     # Continued with model.pretrained=<its run folder> (its hf_model): with that model's own vocabulary
     # (model=minilm's model.tokenizer=null), not the configured model's.

@@ -11,6 +11,7 @@ from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.data import MLMDataModule
 from bert_mlm.errors import UserError
 from bert_mlm.module import MLMModule
+from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.requeue import requeued_checkpoint
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,18 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def _check_vocabulary(saved: str | None, module: MLMModule) -> None:
+    """Refuses to go on with another vocabulary than the checkpoint's run had: of another size
+    its embeddings would not fit, of the same size every token id would mean another word."""
+    try:
+        theirs = load_tokenizer(saved).get_vocab() if saved else None
+    except UserError:  # moved or deleted since, or on the hub and offline: the shapes must tell
+        return
+    if theirs is not None and theirs != module.tokenizer.get_vocab():
+        raise UserError(f"the checkpoint's run had another vocabulary ({saved}): resume with its model.tokenizer, "
+                        "and tokenizer.train=true if that run trained its own")
+
+
 def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max_steps: int,
                finished: bool = False) -> None:
     """Refuses a checkpoint that cannot be read, of another model size, of a run on other
@@ -49,6 +62,8 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
             f"{ckpt_path} (ckpt_path) cannot be read as a checkpoint: it is not one, or was cut short by an "
             "interrupted write or copy; resume from an older one (ckpt_path=FILE) or start a fresh run without it"
         ) from err
+    saved_hp = checkpoint.get("hyper_parameters", {})
+    _check_vocabulary(saved_hp.get("tokenizer") or saved_hp.get("pretrained"), module)
     ours = module.state_dict()
     wrong = [k for k in ours if k not in saved or saved[k].shape != ours[k].shape]
     if wrong:
@@ -58,7 +73,6 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
         )
     # Lightning restores these with the optimizer's state (its param groups, the schedule's
     # base lr): another value given now would be silently ignored.
-    saved_hp = checkpoint.get("hyper_parameters", {})
     ignored = [f"model.{k}={saved_hp[k]}" for k in OPTIMIZER_SETTINGS
                if k in saved_hp and _plain(saved_hp[k]) != _plain(module.hparams[k])]
     if ignored:
