@@ -49,6 +49,17 @@ def load(source: str, device: str):
                         "a .ckpt or a hub name") from err
 
 
+def _problem(text: str, fill) -> str | None:
+    """Why `text` cannot be filled in, if it cannot."""
+    mask = fill.tokenizer.mask_token
+    if mask not in text:
+        return f"no {mask} in {text!r}: put {mask} where a word should be predicted"
+    tokens, most = len(fill.tokenizer(text)["input_ids"]), fill.model.config.max_position_embeddings
+    if tokens > most:
+        return f"{text[:40]!r}... is {tokens} tokens: the model reads at most {most}; shorten it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fill_mask", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run folder, model folder, .ckpt or hub name")
@@ -60,26 +71,31 @@ def main(argv: list[str] | None = None) -> None:
     enable_progress_bars()  # ...but a hub model's download keeps its bar
     try:
         check_values("--", Options, {"top-k": args.top_k})
-        texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+        # (line number or None, text): lines of stdin are numbered, for what is skipped.
+        texts = [(None, t) for t in args.text] or [(n, line.strip()) for n, line in enumerate(sys.stdin, 1)
+                                                   if line.strip()]
         if not texts:
             raise UserError("no text: give one with [MASK] after the model, or lines of them on stdin")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but no GPU is visible: use --device cpu")
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         fill = load(args.model, device)
-        mask = fill.tokenizer.mask_token
-        for text in texts:
-            if mask not in text:
-                raise UserError(f"no {mask} in {text!r}: put {mask} where a word should be predicted")
-            tokens, most = len(fill.tokenizer(text)["input_ids"]), fill.model.config.max_position_embeddings
-            if tokens > most:
-                raise UserError(f"{text[:40]!r}... is {tokens} tokens: the model reads at most {most}; shorten it")
+        skipped = []
+        for line, text in texts:
+            problem = _problem(text, fill)
+            if problem and line is None:
+                raise UserError(problem)
+            if problem:  # one bad line of a file does not stop the others
+                skipped.append(f"line {line}: {problem}")
+                continue
             print(text)
             results = fill(text, top_k=min(args.top_k, fill.model.config.vocab_size))
             # One list per [MASK] when there are several, a flat list when there is one.
             for i, predictions in enumerate(results if isinstance(results[0], list) else [results]):
                 guesses = ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in predictions)
                 print(f"  [MASK] {i + 1}: {guesses}")
+        if skipped:
+            raise UserError(f"{len(skipped)} of {len(texts)} lines skipped; {'; '.join(skipped)}")
     except UserError as err:
         refuse(err)
 

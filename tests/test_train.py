@@ -103,8 +103,12 @@ def test_fill_mask_command(smoke_run, capsys):
             command.main([str(run_dir), "a [MASK]", "--device", "cuda"])
         assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --device cuda but no GPU is visible: use --device cpu"
     # ... and as a user runs it, reading stdin.
-    proc = fill_mask(str(run_dir), stdin="no mask in this line\n")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no [MASK]")
+    proc = fill_mask(str(run_dir), stdin="The [MASK] statement.\n\nno mask in this line\nA [MASK] is raised.\n")
+    # A bad line of a file is skipped and named at the end; the others are all answered.
+    assert [line for line in proc.stdout.splitlines() if not line.startswith(" ")] == [
+        "The [MASK] statement.", "A [MASK] is raised."]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("error: 1 of 3 lines skipped; line 3: no [MASK] in"), line
     proc = fill_mask(str(run_dir), stdin="\n")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no text: give one")
     assert "Loading weights" not in proc.stderr  # the model loaded before the error, with no bar
