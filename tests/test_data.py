@@ -104,6 +104,15 @@ def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path, caplog):
     assert batch["attention_mask"].sum(1).tolist() == [len(i) for i in dm.val_set["input_ids"][:3]]
 
 
+def test_a_stream_warns_of_truncated_lines_from_its_first(tokenizer, tmp_path, caplog):
+    lines = ["short line", "a much longer line " * 20]
+    train = write(tmp_path / "train.txt", lines * 10)
+    dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[train], val_files=[train],
+                    packing=False, max_length=24, streaming=True)
+    assert "10 of the first 20 training lines are longer than data.max_length=24 tokens and are truncated" in caplog.text
+    assert max(len(row["input_ids"]) for row in dm.train_set) == 24 and "truncated" not in next(iter(dm.train_set))
+
+
 @pytest.mark.skipif(not WIKITEXT.exists(), reason="../shared/data/wikitext-2 is not here")
 def test_wikitext(tokenizer, tmp_path):
     dm = datamodule(tokenizer, tmp_path, corpus="text", train_files=[str(WIKITEXT)], max_length=128)

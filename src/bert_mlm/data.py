@@ -1,5 +1,6 @@
 """MLMDataModule: corpus -> tokens (cached by `datasets`) -> blocks -> dynamically masked batches."""
 
+import itertools
 import logging
 import random
 from collections.abc import Iterable
@@ -46,6 +47,7 @@ ROWS_PER_STREAM = 1000
 # 1000-row batches a quarter of every cached file stayed in the RSS of each process that
 # opened it, which grew with the corpus.
 TOKENIZE_BATCH, PACK_BATCH = 10 * ROWS_PER_STREAM, 100 * ROWS_PER_STREAM
+STREAM_SAMPLE = 1000  # a stream's first lines, read at the start to warn of truncation
 
 
 def _id_type(vocab_size: int) -> pa.DataType:
@@ -266,6 +268,12 @@ class MLMDataModule(L.LightningDataModule):
         for split, examples in (("train", self.train_set), ("validation", self.val_set)):
             if next(iter(examples), None) is None:
                 raise UserError(self._why_empty(split, (row["text"] for row in raw[split])))
+        if not self.packing:  # a stream cannot be counted ahead: its first lines tell
+            first = [row["truncated"] for row in itertools.islice(self.train_set, STREAM_SAMPLE)]
+            if any(first):
+                log.warning(f"{sum(first)} of the first {len(first)} training lines are longer than data.max_length="
+                            f"{self.max_length} tokens and are truncated (data.packing=true keeps all text)")
+            self.train_set, self.val_set = (d.remove_columns("truncated") for d in (self.train_set, self.val_set))
 
     def _setup_tokenized(self):
         raw = self._raw()
