@@ -64,6 +64,10 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# What HF's forward takes of our collator's batches (it adds what our module reads besides).
+HF_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
 def val_loss(model, datamodule, device: str, batches: int = 10) -> float:
     """Loss over masked tokens of the first validation batches (the same fixed masks for
     every runner), from HF's own forward in fp32: one yardstick for both recipes."""
@@ -71,7 +75,7 @@ def val_loss(model, datamodule, device: str, batches: int = 10) -> float:
     total = count = 0.0
     with torch.no_grad():
         for _, batch in zip(range(batches), datamodule.val_dataloader()):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: batch[k].to(device) for k in HF_INPUTS}
             n = (batch["labels"] != -100).sum().item()
             total += model(**batch).loss.item() * n
             count += n
@@ -200,6 +204,9 @@ def run_hf(args, bf16: bool) -> dict:
     class OurBatches(Trainer):
         def get_train_dataloader(self):  # our masks and order, with our DataLoader worker
             return datamodule.train_dataloader()
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, {k: inputs[k] for k in HF_INPUTS}, *args, **kwargs)
 
     trainer = (OurBatches if args.same_batches else Trainer)(
         model=model, args=training_args, train_dataset=datamodule.train_set, data_collator=collator,

