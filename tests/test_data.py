@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -212,3 +213,23 @@ def test_validation_files_shared_with_training_are_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="bert_mlm.corpus"):
         corpus.text_files([str(text)], [str(text)], str(tmp_path / "cache"))
     assert "data.val_files and data.train_files share files" in caplog.text
+
+
+def test_a_resume_knows_its_files_by_name_and_size(tokenizer, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    here, other = Path(write(tmp_path / "a" / "corpus.txt", LINES)), write(tmp_path / "b" / "corpus.txt", LINES[:7])
+
+    def changed(saved_files, files) -> list[str]:
+        saved = MLMDataModule(tokenizer, corpus="text", train_files=saved_files).state_dict()
+        return MLMDataModule(tokenizer, corpus="text", train_files=files).changed_settings(saved)
+
+    assert changed([here], [str(here.resolve())]) == []  # the same file by another path
+    assert changed([here], [other]) == [f"data.train_files_bytes=[{here.stat().st_size}]"]  # other text
+    before = MLMDataModule(tokenizer, corpus="text", train_files=[here]).state_dict()
+    with open(here, "a") as f:
+        f.write("text added since\n")
+    after = MLMDataModule(tokenizer, corpus="text", train_files=[here]).changed_settings(before)
+    assert len(after) == 1 and after[0].startswith("data.train_files_bytes=")
+    old = {"settings": {"train_files": [str(here)]}}  # a checkpoint from before sizes were kept
+    assert MLMDataModule(tokenizer, corpus="text", train_files=[here]).changed_settings(old) == []

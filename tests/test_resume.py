@@ -85,6 +85,20 @@ def test_interrupted_run_resumes_exactly(tmp_path, straight_run, signum):
     assert names == ["best-step40.ckpt", "last.ckpt"] and saved_step(last) == 40
 
 
+def test_a_resume_reads_with_the_workers_whose_position_was_saved(tmp_path):
+    """The DataLoader's saved position is its workers': with data.num_workers=null (the default,
+    which depends on the machine: none on a CPU, several on a GPU) a resume takes the saved
+    count, and another explicit count is refused (torchdata would fail on its state)."""
+    run_dir, args = tmp_path / "run", [*SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.val_check_interval=4"]
+    proc = run_train(run_dir, *args, "data.num_workers=1", "trainer.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = last_error(run_train_here(run_dir, *args, "data.num_workers=0", "trainer.max_steps=8", "ckpt_path=last"))
+    assert "data.num_workers=1" in line, line
+    proc = run_train(run_dir, *args, "data.num_workers=null", "trainer.max_steps=8", "ckpt_path=last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == 8
+
+
 @pytest.mark.gpu
 def test_killed_gpu_run_resumes_exactly(tmp_path):
     # Deterministic algorithms make the GPU's sums bitwise reproducible (Lightning also sets

@@ -3,7 +3,7 @@
 import itertools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -48,6 +48,12 @@ ROWS_PER_STREAM = 1000
 # opened it, which grew with the corpus.
 TOKENIZE_BATCH, PACK_BATCH = 10 * ROWS_PER_STREAM, 100 * ROWS_PER_STREAM
 STREAM_SAMPLE = 1000  # a stream's first lines, read at the start to warn of truncation
+
+
+def _files(key: str, files: Sequence | None) -> dict[str, list]:
+    """`key`: the files' names; `key`_bytes: their sizes (None for a file that is not there)."""
+    paths = [Path(f) for f in files or []]
+    return {key: [p.name for p in paths], f"{key}_bytes": [p.stat().st_size if p.is_file() else None for p in paths]}
 
 
 def _id_type(vocab_size: int) -> pa.DataType:
@@ -142,9 +148,12 @@ class MLMDataModule(L.LightningDataModule):
         self.val_max_blocks = val_max_blocks
         self.streaming, self.val_rows, self.shuffle_buffer = streaming, val_rows, shuffle_buffer
         self.seed, self.cache_dir = seed, cache_dir
+        self._saved_workers: int | None = None  # a resumed run's DataLoader workers
         # What makes the batches and their masks: a resumed run must have the same (resume.check_fits).
-        self.settings = {"corpus": corpus, "train_files": [str(f) for f in train_files or []],
-                         "val_files": [str(f) for f in val_files or []], "text_column": text_column,
+        # Files by name and size: the same file by another path (or from another folder) is the
+        # same; a file of that name with other text (appended to since) is not.
+        self.settings = {"corpus": corpus, **_files("train_files", train_files), **_files("val_files", val_files),
+                         "text_column": text_column,
                          "val_percent": val_percent, "hub_dataset": hub_dataset, "hub_config": hub_config,
                          "max_length": max_length, "packing": packing, "batch_size": batch_size,
                          "streaming": streaming, "mlm_probability": mlm_probability,
@@ -184,20 +193,31 @@ class MLMDataModule(L.LightningDataModule):
         """The settings that pick the training text (not how it is cut or masked), each file
         with its size and modification time: the same path with new text is another source."""
         source = {f"data.{k}": self.settings[k] for k in ("corpus", "text_column", "hub_dataset", "hub_config")}
-        stats = {f: Path(f).stat() for f in self.settings["train_files"]}
+        stats = {str(f): Path(f).stat() for f in self.train_files or []}
         source["data.train_files"] = [f"{f} ({s.st_size:,} bytes, modified "
                                       f"{datetime.fromtimestamp(s.st_mtime).isoformat(timespec='seconds')})"
                                       for f, s in stats.items()]
         return source
 
     def state_dict(self) -> dict:
-        return {"settings": self.settings}  # in each checkpoint, beside the DataLoader's position
+        # In each checkpoint, beside the DataLoader's position, which is only valid for as many workers.
+        return {"settings": self.settings, "workers": self._workers()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved_workers = state.get("workers")  # none in older checkpoints
 
     def changed_settings(self, state: dict) -> list[str]:
-        """The settings of a checkpoint's run (its state_dict) that this one does not share."""
-        saved = state.get("settings", {})
-        key = {"seed": "seed"}  # the run's seed; the others are data.* settings
-        return [f"{key.get(k, f'data.{k}')}={saved[k]}" for k in saved if self.settings.get(k) != saved[k]]
+        """The settings of a checkpoint's run (its state_dict) that this one does not share.
+        A different data.num_workers too: the DataLoader's saved position is its workers'."""
+        saved = dict(state.get("settings", {}))
+        for key in ("train_files", "val_files"):  # older checkpoints: paths as given
+            saved[key] = [Path(f).name for f in saved.get(key, [])]
+        changed = [f"{'seed' if k == 'seed' else f'data.{k}'}={saved[k]}" for k in saved
+                   if self.settings.get(k) != saved[k]]
+        workers = state.get("workers")
+        if self.num_workers is not None and workers is not None and self.num_workers != workers:
+            changed.append(f"data.num_workers={workers}")
+        return changed
 
     def train_texts(self, batch_size: int = 1000):
         """The training text, in lists of up to `batch_size` lines (to train a tokenizer on)."""
@@ -317,9 +337,12 @@ class MLMDataModule(L.LightningDataModule):
                 "tokens: add text or lower data.max_length")
 
     def _workers(self) -> int:
-        """data.num_workers, or for null what suits the run (workers.auto_num_workers)."""
+        """data.num_workers, or for null what suits the run (workers.auto_num_workers): for a
+        resumed run, its checkpoint's, whatever this machine's cores and GPUs."""
         if self.num_workers is not None:
             return self.num_workers
+        if self._saved_workers is not None:
+            return self._saved_workers
         if self.trainer is None:  # a loader on its own (benchmarks): as a run on this machine would
             return auto_num_workers(torch.cuda.is_available(), available_cores(), 1)
         gpu = not isinstance(self.trainer.accelerator, CPUAccelerator)
