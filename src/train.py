@@ -167,7 +167,8 @@ def main(cfg: DictConfig) -> float:
                 raise
             print(f"error: {message}", file=sys.stderr)
             if _in_sweep():  # this job only: the sweep goes on
-                return math.nan  # a failed trial to Optuna; summary.csv marks the job failed
+                # To Optuna the worst of values (NaN, a failed trial, would end its search); summary.csv says failed.
+                return math.inf
             sys.exit(2)
 
 

@@ -84,6 +84,16 @@ def test_optuna_sweep(tmp_path):
     assert len(list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))) == 2
 
 
+def test_an_optuna_search_goes_on_past_failed_trials(tmp_path):
+    # Every trial's max_length is above model=tiny's 512 positions: each is refused as it builds.
+    proc = sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=none",
+                 "data.max_length=choice(1024,2048)")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed")
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+
+
 class StopAtStep4(L.Callback):
     """SIGTERM, as SLURM sends it, at step 4 (after step 4 of a resumed run: never again)."""
 
