@@ -20,7 +20,7 @@ from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/l
 from bert_mlm.cadence import validation_cadence
 from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
-from bert_mlm.exits import print_resume_command, user_message
+from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import stop_signals
 from bert_mlm.preflight import keep_failed_log, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
@@ -166,6 +166,7 @@ def main(cfg: DictConfig) -> float:
             if message is None:
                 raise
             print(f"error: {message}", file=sys.stderr)
+            record_in_log(f"error: {message}")
             if _in_sweep():  # this job only: the sweep goes on
                 # To Optuna the worst of values (NaN, a failed trial, would end its search); summary.csv says failed.
                 return math.inf

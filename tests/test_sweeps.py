@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 from datetime import datetime
 
 import lightning as L
@@ -92,6 +93,7 @@ def test_an_optuna_search_goes_on_past_failed_trials(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed")
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
     assert [row["status"] for row in rows] == ["failed", "failed"]
+    assert "error: data.max_length=" in (tmp_path / "sweep" / "0" / "train.log").read_text()  # the reason, kept
 
 
 class StopAtStep4(L.Callback):
@@ -186,3 +188,7 @@ def test_the_summary_lists_failed_jobs_in_job_order(tmp_path):
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}e-4\n")
     assert [row["job"] for row in summarize(tmp_path)] == ["1", "2", "10"]
+    # Job 2 holds the metrics.json of an earlier run: not this sweep's, so not its result.
+    (tmp_path / "2" / "metrics.json").write_text(json.dumps({"after": {"val/loss": 5.0}, "steps": 4}))
+    os.utime(tmp_path / "2" / "metrics.json", (1e9, 1e9))
+    assert [row["status"] for row in summarize(tmp_path, since=time.time() - 60)] == ["failed"] * 3

@@ -2,6 +2,7 @@
 can fix, and the command that resumes a run a signal stopped."""
 
 import errno
+import logging
 import shlex
 import sys
 
@@ -32,6 +33,15 @@ def _message(err: BaseException, data_files: list[str]) -> str | None:
         return (f"no space left on the device while writing {err.filename or 'a file'}: free some "
                 "space (checkpoints are written whole or not at all: the last complete one is intact)")
     return None
+
+
+def record_in_log(line: str) -> None:
+    """`line` in the run's train.log too (not again on the console): a sweep job's reason to
+    fail is then kept beside it, after the console has scrolled on."""
+    record = logging.LogRecord("train", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def resume_overrides(task: list[str], output_dir: str) -> list[str]:

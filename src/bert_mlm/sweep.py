@@ -23,7 +23,9 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
                and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= since - 1]  # file times can be coarse
     for job in sorted(started, key=lambda p: (len(p.name), p.name)):  # 2 before 10
         metrics_file = job / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        # One from before this sweep is an earlier run's: this job (a refused resume) failed.
+        written = metrics_file.is_file() and metrics_file.stat().st_mtime >= since - 1
+        metrics = json.loads(metrics_file.read_text()) if written else {}
         after = metrics.get("after", {})
         rows.append(
             {
