@@ -57,12 +57,12 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
     off = {name for name, flag in flags.items() if cfg.trainer.get(flag) is False}
     built = []
-    for name, node in cfg.callbacks.items():
-        if name not in off:
+    for name, node in (cfg.get("callbacks") or {}).items():  # ~callbacks or callbacks.NAME=null: none
+        if name not in off and node is not None:
             with building(f"callbacks.{name}", node):
                 built.append(instantiate(node, _convert_="all"))
-    with building("logger", cfg.logger):
-        logger = instantiate(cfg.logger) if cfg.logger else False
+    with building("logger", cfg.get("logger")):
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
     with building("trainer", cfg.trainer):
         trainer: L.Trainer = instantiate(
             cfg.trainer,

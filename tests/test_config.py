@@ -113,3 +113,19 @@ def test_a_run_by_epochs_validates_after_each(cfg_of):
     assert AtValidation.steps == [3, 6] and trainer.checkpoint_callback.best_model_path
 
 
+
+
+@pytest.mark.parametrize("off", [["~callbacks", "~logger"], ["callbacks.checkpoint=null", "logger=none"]])
+def test_callbacks_and_logger_can_be_left_out(cfg_of, off):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from bert_mlm.throughput import Throughput
+    from train import build
+
+    _, _, trainer = build(cfg_of(*SMOKE, *off))
+    assert trainer.logger is None
+    if off[0] == "~callbacks":  # none of ours
+        assert not any(isinstance(c, Throughput) for c in trainer.callbacks)
+    else:  # all of ours but that one
+        assert any(isinstance(c, Throughput) for c in trainer.callbacks)
+        assert not any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks)

@@ -125,6 +125,9 @@ def check_config(cfg: DictConfig) -> None:
             values["precision"] = launch.precision("mixed", values.get("accelerator", "auto"))
         check_values(f"{path}.", model, values)
     _check_checkpoints(cfg)
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("max_steps", -1) < 0 and (trainer.get("max_epochs") or -1) < 0 and trainer.get("max_time") is None:
+        raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
 
 
 def _check_checkpoints(cfg: DictConfig) -> None:
@@ -138,12 +141,12 @@ def _check_checkpoints(cfg: DictConfig) -> None:
     callbacks = cfg.get("callbacks") or {}
     for name in ("checkpoint", "last"):
         dirpath = OmegaConf.select(cfg, f"callbacks.{name}.dirpath", default=None)
-        if name in callbacks and (dirpath is None or Path(dirpath).resolve() != folder):
+        if callbacks.get(name) is not None and (dirpath is None or Path(dirpath).resolve() != folder):
             raise UserError(f"callbacks.{name}.dirpath={_shown(dirpath)}: checkpoints go in the run folder's "
                             "checkpoints/, where resuming and the guard against overwriting a run look; to put "
                             "them elsewhere, put the whole run there (hydra.run.dir=...)")
     monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default=None)
-    if "checkpoint" in callbacks and monitor is not None and monitor not in VAL_METRICS:
+    if callbacks.get("checkpoint") is not None and monitor is not None and monitor not in VAL_METRICS:
         raise UserError(f"callbacks.checkpoint.monitor={monitor}: validation logs no such metric; "
                         f"use one of {', '.join(VAL_METRICS)}")
 
