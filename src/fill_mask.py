@@ -35,13 +35,17 @@ def load(source: str, device: str):
         kwargs = {"tokenizer": str(own)} if (own / "tokenizer.json").exists() else {}
         try:
             module = MLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
-        except UserError:  # e.g. the model it continued (model.pretrained) is gone
-            raise
+        except UserError as err:  # e.g. the model it continued (model.pretrained) is gone
+            raise UserError(f"{source}: its run's {err}; its run folder's hf_model/, if there is one, "
+                            "loads on its own") from err
         except Exception as err:  # not a checkpoint, or cut short: unusable alike
             raise UserError(f"{source} cannot be read as a checkpoint: give another .ckpt or the run folder") from err
         return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer, device=device)
     if (path / "hf_model").is_dir():
         path = path / "hf_model"
+    elif (path / "checkpoints" / "last.ckpt").is_file():  # a run still going, or stopped: its newest state
+        print(f"{source} has no hf_model/ yet: using its checkpoints/last.ckpt", file=sys.stderr)
+        return load(str(path / "checkpoints" / "last.ckpt"), device)
     try:
         return pipeline("fill-mask", model=pretrained.source(str(path)), device=device)
     except (OSError, ValueError) as err:  # no such model; a folder without one (no model_type)
@@ -52,6 +56,10 @@ def load(source: str, device: str):
 def _problem(text: str, fill) -> str | None:
     """Why `text` cannot be filled in, if it cannot."""
     mask = fill.tokenizer.mask_token
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        return f"{text!r} is not UTF-8 text: convert it (e.g. with iconv)"
     if mask not in text:
         return f"no {mask} in {text!r}: put {mask} where a word should be predicted"
     tokens, most = len(fill.tokenizer(text)["input_ids"]), fill.model.config.max_position_embeddings

@@ -122,12 +122,19 @@ def test_fill_mask_bad_input(smoke_run, tmp_path, capsys):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     cases = [(tmp_path / "empty", "a [MASK]", "error: could not load a model from"),
              (tmp_path / "bad.ckpt", "a [MASK]", "cannot be read as a checkpoint"),
-             (run_dir, "word " * 600 + "[MASK]", "tokens: the model reads at most 512")]
+             (run_dir, "word " * 600 + "[MASK]", "tokens: the model reads at most 512"),
+             (run_dir, "caf\udce9 [MASK]", "is not UTF-8 text")]  # a byte that is not UTF-8, as Python passes it
     for source, text, expected in cases:
         with pytest.raises(SystemExit) as exit:
             command.main([str(source), text])
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert exit.value.code == 2 and line.startswith("error: ") and expected in line, line
+    # A run with no hf_model/ yet (still training, or stopped): its newest checkpoint.
+    running = tmp_path / "running"
+    (running / "checkpoints").mkdir(parents=True)
+    (running / "checkpoints" / "last.ckpt").write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    command.main([str(running), "a [MASK]"])
+    assert "has no hf_model/ yet: using its checkpoints/last.ckpt" in capsys.readouterr().err
     # More guesses than the vocabulary has: all of them.
     command.main([str(run_dir), "a [MASK]", "--top-k", "100000"])
     vocab = json.loads((run_dir / "hf_model" / "config.json").read_text())["vocab_size"]
