@@ -22,7 +22,8 @@ from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import stop_signals
-from bert_mlm.preflight import keep_failed_log, replacing, resumes
+from bert_mlm.preflight import (drop_kept_record, keep_failed_log, keeps_record, replacing, restore_record,
+                                resumes)
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
@@ -129,6 +130,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
         before = report.val_metrics(trainer.validate(module, datamodule))
+    if trainer.is_global_zero:  # accepted: this run's settings are the folder's record now
+        drop_kept_record(output_dir)
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)  # runs no code from it
     wall_s = time.perf_counter() - start
@@ -171,6 +174,9 @@ def main(cfg: DictConfig) -> float:
                 # To Optuna the worst of values (NaN, a failed trial, would end its search); summary.csv says failed.
                 return math.inf
             sys.exit(2)
+        finally:  # refused or stopped before it was accepted: the folder's record as it was
+            if keeps_record(HydraConfig.get()):
+                restore_record(Path(cfg.output_dir))
 
 
 if __name__ == "__main__":

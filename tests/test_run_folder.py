@@ -35,23 +35,26 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     proc = run_train_here(tmp_path / "elsewhere", *args, f"output_dir={run_dir}")
     assert "already holds a run" in last_error(proc) and snapshot(run_dir) == before
 
-    # Resuming it with a bad value: refused before Hydra rewrites its .hydra/ record.
+    # Resuming it with a bad value: refused before Hydra rewrites its .hydra/ record. With other
+    # data settings, refused after (the checkpoint is read then), its record put back.
     proc = run_train_here(run_dir, *args, "ckpt_path=last", "model.lr=-1")
     assert last_error(proc).startswith("error: model.lr=-1") and snapshot(run_dir) == before
+    proc = run_train_here(run_dir, *args, "ckpt_path=last", "data.batch_size=4", "trainer.max_steps=20")
+    assert "trained with data.batch_size=" in last_error(proc)
 
-    # Replacing it with settings or data that are then refused: it loses nothing. Hydra records the
-    # refused run's settings in .hydra/ and train.log, past its own checks.
-    def outputs(files: dict[str, bytes]) -> dict[str, bytes]:
-        return {k: v for k, v in files.items() if not k.startswith((".hydra", "train.log"))}
+    def all_but_the_log(files: dict[str, bytes]) -> dict[str, bytes]:
+        return {k: v for k, v in files.items() if k != "train.log"}
+
+    assert all_but_the_log(snapshot(run_dir)) == all_but_the_log(before)
+
+    # Replacing it with settings or data that are then refused: it loses nothing (but lines in train.log).
+    outputs = all_but_the_log
 
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n" * 10)
     proc = run_train_here(run_dir, *args, "overwrite=true", "data=text", f"data.train_files=[{blank}]")
     assert "holds no text" in last_error(proc) and outputs(snapshot(run_dir)) == outputs(before)
     # Preparing data for it (prepare_only) writes nothing there but its log: not refused, nothing cleared.
-    def all_but_the_log(files: dict[str, bytes]) -> dict[str, bytes]:
-        return {k: v for k, v in files.items() if k != "train.log"}
-
     recorded = all_but_the_log(snapshot(run_dir))
     assert run_train_here(run_dir, *args, "prepare_only=true", "data.max_length=32").returncode == 0
     assert all_but_the_log(snapshot(run_dir)) == recorded  # the .hydra/ record included

@@ -25,6 +25,11 @@ def launched_world_size() -> int:
     return max(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("SLURM_NTASKS", 1)))
 
 
+def launched_rank() -> int:
+    """This process's rank among those torchrun or srun started (0 when run directly)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def started_by_srun() -> bool:
     """One of the tasks of a SLURM job, as Lightning tells: an interactive job (named bash or
     interactive) does not count, there Lightning starts the processes itself."""

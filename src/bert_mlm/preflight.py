@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
-from bert_mlm.launch import check
+from bert_mlm.launch import check, launched_rank
 from bert_mlm.requeue import requeued_checkpoint
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
 REPLACED = ".replaced"  # where they wait while a run with overwrite=true is checked
+RECORD, RECORD_KEPT = ".hydra", ".hydra-kept"  # Hydra's record of the run's settings, and its copy
 RESTORE_WAIT_S = 30.0  # putting them back takes a few renames: a process still at it after this was killed
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,30 @@ def put_back(folder: Path) -> None:
     mine.rmdir()
 
 
+def keep_record(folder: Path) -> None:
+    """Before Hydra rewrites .hydra/ for a command that the checks after it may still refuse
+    (a resume, overwrite=true): a copy, put back if it is refused or stopped (restore_record),
+    dropped once the run is accepted. One left by a killed run is the record to keep."""
+    if (folder / RECORD).is_dir() and not (folder / RECORD_KEPT).exists():
+        shutil.copytree(folder / RECORD, folder / RECORD_KEPT)
+
+
+def keeps_record(hydra: DictConfig) -> bool:
+    """Whether this process keeps the record: Hydra writes one (not for prepare_only, nor in a
+    DDP rank Lightning started), and it is the first of those torchrun or srun started."""
+    return hydra.output_subdir is not None and launched_rank() == 0
+
+
+def restore_record(folder: Path) -> None:
+    if (folder / RECORD_KEPT).is_dir():
+        _remove(folder / RECORD)
+        (folder / RECORD_KEPT).rename(folder / RECORD)
+
+
+def drop_kept_record(folder: Path) -> None:
+    _remove(folder / RECORD_KEPT)
+
+
 def keep_failed_log(folder: Path) -> None:
     """A new run in a folder where an earlier one failed before its first checkpoint: that
     run's TensorBoard log moves to tensorboard-<its time>/ (a run of its own to TensorBoard),
@@ -163,6 +188,8 @@ class Preflight(Callback):
             if not config.prepare_only:
                 resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
                 claim(folder, resuming, config.overwrite)
+            if keeps_record(config.hydra):
+                keep_record(folder)
         except UserError as err:
             if made:
                 with suppress(OSError):
