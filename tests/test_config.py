@@ -93,6 +93,9 @@ def test_validation_cadence_suits_short_and_long_runs(cfg_of):
     assert interval("trainer.max_steps=100000") == 1000
     assert interval("trainer.max_steps=100000", "trainer.accumulate_grad_batches=4") == 4000
     assert interval("trainer.val_check_interval=7") == 7
+    # A share of an epoch is Lightning's per-epoch validation, whose epochs this run does not count.
+    assert validation_cadence(cfg_of("trainer.val_check_interval=0.5").trainer) == {
+        "val_check_interval": 0.5, "check_val_every_n_epoch": 1}
 
 
 def test_a_run_by_epochs_validates_after_each(cfg_of):

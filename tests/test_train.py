@@ -245,3 +245,10 @@ def test_the_progress_bar_shows_the_values_of_its_logging_step(cfg_of):
     (bar,) = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
     assert bar._read_at == 8 and set(bar._shown) == set(SHOWN)
     assert bar._shown == {k: float(trainer.callback_metrics[k]) for k in SHOWN}  # logged at step 8
+
+
+def test_the_exported_tokenizer_reads_as_far_as_the_model(tmp_path):
+    proc = run_train_here(tmp_path / "run", *SMOKE, "model.max_position_embeddings=1024", "trainer.max_steps=2",
+                          f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_tokenizer(str(tmp_path / "run" / "hf_model")).model_max_length == 1024  # minilm's says 512

@@ -23,6 +23,8 @@ def validation_cadence(trainer: DictConfig) -> dict:
     (Lightning validates a run that stops early). A run by epochs validates after each epoch."""
     cadence = {"val_check_interval": trainer.val_check_interval,
                "check_val_every_n_epoch": trainer.check_val_every_n_epoch}
+    if isinstance(trainer.val_check_interval, float):  # a share of each epoch
+        return {**cadence, "check_val_every_n_epoch": trainer.check_val_every_n_epoch or 1}
     if trainer.val_check_interval is not None:
         return cadence
     if trainer.max_steps < 0 and trainer.max_time is not None:

@@ -268,6 +268,8 @@ def _message(prefix: str, errors: list[dict], values: dict[str, Any]) -> str:
         if reason not in reasons and f"input should be {reason}" not in reasons:
             reasons.append(reason)
     value = functools.reduce(lambda v, k: v.get(k) if isinstance(v, dict) else None, key_path, values)
+    if reasons == ["input should be a valid list"]:  # data.train_files=a.txt: the brackets left out
+        reasons = [f"input should be a list: [{_shown(value)}]"]
     return f"{prefix}{'.'.join(key_path)}={_shown(value)}: {' or '.join(reasons)}"
 
 

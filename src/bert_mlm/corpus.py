@@ -97,6 +97,8 @@ def text_files(
     data_files = {"train": list(train_files)}
     if val_files:
         data_files["validation"] = list(val_files)
+    if len(set(map(str, train_files))) < len(train_files):
+        log.warning("data.train_files names a file twice: its text is trained on twice as often")
     if val_files and set(map(str, val_files)) & set(map(str, train_files)):
         log.warning("data.val_files and data.train_files share files: validation then measures text the "
                     "model trains on, not how it does on unseen text")

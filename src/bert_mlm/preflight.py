@@ -18,6 +18,7 @@ from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
 from bert_mlm.launch import check, launched_rank
 from bert_mlm.requeue import requeued_checkpoint
+from bert_mlm.resume import resolve
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
@@ -188,12 +189,14 @@ class Preflight(Callback):
             if not config.prepare_only:
                 resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
                 claim(folder, resuming, config.overwrite)
+                resolve(config.ckpt_path, folder)  # a checkpoint that is not there: refused here
             if keeps_record(config.hydra):
                 keep_record(folder)
         except UserError as err:
             if made:
-                with suppress(OSError):
-                    folder.rmdir()  # made empty here: a refused command leaves nothing behind
+                with suppress(OSError):  # made empty here (and its day's, if no other run is in it)
+                    folder.rmdir()
+                    folder.parent.rmdir()
             refuse(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

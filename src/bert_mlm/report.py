@@ -32,6 +32,8 @@ def finish_run(trainer: L.Trainer, module: MLMModule, cfg: DictConfig, before: d
     if trainer.is_global_zero:
         output_dir = Path(cfg.output_dir)
         module.model.save_pretrained(output_dir / "hf_model")
+        # The tokenizer's limit as long as the model's (pipelines truncate and warn by it).
+        module.tokenizer.model_max_length = module.model.config.max_position_embeddings
         module.tokenizer.save_pretrained(output_dir / "hf_model")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log_run(trainer, cfg, after)

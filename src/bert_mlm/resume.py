@@ -84,6 +84,10 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
     if changed:
         raise UserError(f"the checkpoint's run was trained with {', '.join(changed)}: resume with its data "
                         "settings, or start a new run from its weights (model.pretrained=<run>/hf_model)")
-    if finished and 0 < max_steps <= checkpoint["global_step"]:
-        raise UserError(f"{ckpt_path} is at step {checkpoint['global_step']}, the run's end (trainer.max_steps="
+    step = checkpoint["global_step"]
+    if finished and 0 < max_steps <= step:
+        raise UserError(f"{ckpt_path} is at step {step}, the run's end (trainer.max_steps="
                         f"{max_steps}): raise trainer.max_steps to train on")
+    if 0 < max_steps < step:  # Lightning would stop at once and call the run done at `step`
+        raise UserError(f"{ckpt_path} is at step {step}, past trainer.max_steps={max_steps}: resume with "
+                        f"trainer.max_steps={step} or more")
