@@ -1,5 +1,6 @@
 """`python -m train [group=option ...] [key=value ...]`: compose the config, build, fit, export."""
 
+import json
 import math
 import sys
 import time
@@ -119,7 +120,12 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
-    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir)
+    done = output_dir / "metrics.json"
+    if _in_sweep() and cfg.ckpt_path == "last" and done.exists() and \
+            json.loads(done.read_text())["steps"] >= cfg.trainer.max_steps > 0:
+        done.touch()  # a sweep run again to finish it: this job's result stands (and is this sweep's)
+        return json.loads(done.read_text())
+    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=_in_sweep())
     module, datamodule, trainer = build(cfg, callbacks)
     if ckpt_path:
         resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, (output_dir / "metrics.json").exists())

@@ -118,6 +118,20 @@ def test_a_stopped_optuna_trial_resumes_as_a_run_with_the_command_it_printed(tmp
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0"]
 
 
+def test_a_stopped_sweep_is_finished_by_its_command_with_ckpt_path_last(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = ["-m", "model.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep_dir}", *SMOKE, "trainer.max_steps=8",
+               f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = run_train_here(None, *command, "+callbacks.stop._target_=test_sweeps.StopAtStep4")
+    assert proc.returncode == 143 and "or finish the whole sweep: its command again with ckpt_path=last" in proc.stderr
+    assert not (sweep_dir / "1").exists()  # the sweep stopped in job 0
+    for _ in range(2):  # job 0 resumes, job 1 starts; then both stand as they are
+        proc = run_train_here(None, *command, "ckpt_path=last")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+        assert [(row["status"], row["steps"]) for row in rows] == [("done", "8"), ("done", "8")]
+
+
 def test_an_optuna_search_without_validation_is_refused_up_front(tmp_path):
     line = last_error(run_train_here(None, "-m", "hparams_search=optuna", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                                      *SMOKE, "trainer.limit_val_batches=0"))

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from bert_mlm import corpus
@@ -58,6 +59,10 @@ def print_resume_command(output_dir: str, stopped_by: str) -> None:
         print(f"stopped by {stopped_by}; no {last} was written (nothing trained yet, or callbacks.last "
               "left out): nothing to resume", file=sys.stderr)
         return
-    command = " ".join(shlex.quote(o) for o in resume_overrides(HydraConfig.get().overrides.task, output_dir))
+    hydra = HydraConfig.get()
+    command = " ".join(shlex.quote(o) for o in resume_overrides(hydra.overrides.task, output_dir))
     print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
           f"  python -m train {command}", file=sys.stderr)
+    if hydra.mode == RunMode.MULTIRUN:
+        print(f"or finish the whole sweep: its command again with ckpt_path=last hydra.sweep.dir={hydra.sweep.dir} "
+              "(finished jobs stand, the others resume or start)", file=sys.stderr)

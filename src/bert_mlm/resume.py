@@ -22,7 +22,9 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
+def resolve(ckpt_path: str | None, output_dir: Path, sweep_job: bool = False) -> str | None:
+    """The checkpoint to resume from. In a sweep run again with ckpt_path=last, a job that
+    saved none yet (the sweep stopped before it) starts afresh."""
     requeued = requeued_checkpoint(output_dir)
     if requeued:  # the same command as the first attempt: it cannot name the checkpoint
         log.info(f"requeued SLURM job (restart {os.environ['SLURM_RESTART_COUNT']}): resuming from {requeued}")
@@ -30,6 +32,9 @@ def resolve(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     path = last_checkpoint(output_dir) if ckpt_path == "last" else Path(ckpt_path)
+    if sweep_job and ckpt_path == "last" and not path.is_file():
+        log.info(f"{path} does not exist: this job of the sweep starts afresh")
+        return None
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
     return str(path)
