@@ -38,9 +38,6 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     What a library raises while building a group becomes a UserError naming that group."""
     check_config(cfg)
     launch.check_devices(cfg.trainer.accelerator, cfg.trainer.get("devices"))
-    if cfg.data.streaming and cfg.trainer.max_steps <= 0 and cfg.trainer.max_time is None:
-        raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps "
-                        "(or a time budget, trainer.max_time)")
     if _in_sweep():  # a sweep over trainer= itself (the sweep's own settings: preflight.py)
         launch.check(cfg.trainer.get("strategy"), multirun=True, run_dir_given=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -125,8 +125,17 @@ def check_config(cfg: DictConfig) -> None:
             values["precision"] = launch.precision("mixed", values.get("accelerator", "auto"))
         check_values(f"{path}.", model, values)
     _check_checkpoints(cfg)
-    trainer = cfg.get("trainer") or {}
-    if trainer.get("max_steps", -1) < 0 and (trainer.get("max_epochs") or -1) < 0 and trainer.get("max_time") is None:
+    _check_end(cfg.get("trainer") or {}, OmegaConf.select(cfg, "data.streaming", default=False))
+
+
+def _check_end(trainer: DictConfig, streaming: bool) -> None:
+    """Refuses a run that would not end, or end only when an epoch of unknown length does."""
+    if trainer.get("max_steps", -1) > 0 or trainer.get("max_time") is not None:
+        return
+    if streaming:
+        raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps "
+                        "(or a time budget, trainer.max_time)")
+    if (trainer.get("max_epochs") or -1) < 0:
         raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
 
 
