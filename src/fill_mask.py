@@ -68,8 +68,13 @@ def _problem(text: str, fill) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line, as for every other bad input
+        refuse(f"{message} (python -m fill_mask --help)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fill_mask", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m fill_mask", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run folder, model folder, .ckpt or hub name")
     parser.add_argument("text", nargs="*", help="texts with [MASK]; none: read lines from stdin")
     parser.add_argument("--top-k", type=int, default=5)

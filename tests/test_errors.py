@@ -156,6 +156,10 @@ def test_fill_mask_refuses_top_k_of_0(capsys):
         fill_mask.main(["no-such-model", "a [MASK]", "--top-k", "0"])
     assert exit.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --top-k=0: input should be greater than 0"
+    with pytest.raises(SystemExit) as exit:  # what argparse itself refuses: the same kind of line
+        fill_mask.main(["no-such-model", "a [MASK]", "--top-k", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and err == ["error: argument --top-k: invalid int value: 'x' (python -m fill_mask --help)"]
 
 
 def test_unknown_option_is_named(tmp_path):
