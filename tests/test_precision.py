@@ -28,8 +28,9 @@ def test_the_switch_makes_mixed_fp32(monkeypatch, value):
     assert launch.cpu_has_native_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def test_bf16_asked_for_where_it_is_emulated_is_kept_with_a_warning(monkeypatch, caplog):
+@pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])  # Lightning runs 16-mixed on a CPU as bf16
+def test_bf16_asked_for_where_it_is_emulated_is_kept_with_a_warning(monkeypatch, caplog, asked):
     monkeypatch.setenv(launch.NO_BF16_ENV, "1")
     with caplog.at_level(logging.WARNING):
-        assert launch.precision("bf16-mixed", "cpu") == "bf16-mixed"  # as asked
+        assert launch.precision(asked, "cpu") == "bf16-mixed"
     assert "no native bf16" in caplog.text and "32-true" in caplog.text

@@ -72,10 +72,12 @@ def precision(requested: str, accelerator: str) -> str:
     scaling on a GPU, and fp32 on a CPU (where emulated bf16 is slower than fp32)."""
     on_cpu = accelerator == "cpu"
     if requested != "mixed":
-        if on_cpu and str(requested).startswith("bf16") and not cpu_has_native_bf16():
+        # Lightning runs 16-mixed on a CPU as bf16-mixed (CPUs have no fp16 autocast): say so here.
+        given = "bf16-mixed" if on_cpu and requested == "16-mixed" else requested
+        if on_cpu and str(given).startswith("bf16") and not cpu_has_native_bf16():
             log.warning(f"trainer.precision={requested}: this CPU has no native bf16, so it is emulated "
                         "and many times slower than fp32; trainer.precision=32-true (or mixed) is faster")
-        return requested
+        return given
     if on_cpu:
         return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
