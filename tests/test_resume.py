@@ -99,6 +99,23 @@ def test_a_resume_reads_with_the_workers_whose_position_was_saved(tmp_path):
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == 8
 
 
+def test_a_moved_run_folder_resumes_with_its_best_checkpoint(tmp_path):
+    """Lightning's ModelCheckpoint forgets its best across a change of folder; ours follows
+    the move: one best-stepN.ckpt after the resume, the one the checkpoint tracks."""
+    args = [*SMOKE, f"data.cache_dir={tmp_path / 'cache'}"]  # validating every 5 steps
+    proc = run_train(tmp_path / "run", *args, "trainer.max_steps=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "run").rename(tmp_path / "moved")
+    proc = run_train(tmp_path / "moved", *args, "trainer.max_steps=10", "ckpt_path=last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dirpath has changed" not in proc.stderr
+    checkpoints = tmp_path / "moved" / "checkpoints"
+    best = [p.name for p in checkpoints.glob("best-*.ckpt")]
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
+    tracked = next(s["best_k_models"] for name, s in state.items() if name.startswith("ModelCheckpoint"))
+    assert len(best) == 1 and [Path(p) for p in tracked] == [checkpoints / best[0]], (best, tracked)
+
+
 @pytest.mark.gpu
 def test_killed_gpu_run_resumes_exactly(tmp_path):
     # Deterministic algorithms make the GPU's sums bitwise reproducible (Lightning also sets

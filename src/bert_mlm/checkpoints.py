@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
@@ -96,6 +96,30 @@ class LastCheckpoint(Checkpoint):
         kept = sorted(self.dir.glob("step*.ckpt"), key=lambda p: int(p.stem.removeprefix("step")))
         for old in kept[: -self.keep_periodic]:
             old.unlink()
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the best by val/loss), which also follows its run folder
+    when that was moved or renamed before a resume. Lightning forgets the best score across a
+    change of folder: the next validation would save a new "best" even when worse, and the
+    earlier best-stepN.ckpt would stay beside it."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir and saved_dir != self.dirpath:
+            def here(path: str) -> str:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            moved = {here(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+            if all(Path(path).exists() for path in moved):  # this run's files, in the moved folder
+                state_dict = {**state_dict, "dirpath": self.dirpath, "best_k_models": moved,
+                              **{key: here(state_dict.get(key, "")) for key in
+                                 ("best_model_path", "kth_best_model_path", "last_model_path")}}
+        super().load_state_dict(state_dict)
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's: checkpoints saved with it resume with this one
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 class TimedCheckpointIO(TorchCheckpointIO):
