@@ -187,9 +187,10 @@ class Preflight(Callback):
             # refusal (one left waiting for the others would hang until the process group's
             # time-out). prepare_only writes nothing there but a vocabulary, which checks itself.
             if not config.prepare_only:
-                resuming = resumes(config.ckpt_path, folder) or requeued_checkpoint(folder) is not None
-                claim(folder, resuming, config.overwrite)
-                resolve(config.ckpt_path, folder)  # a checkpoint that is not there: refused here
+                requeued = requeued_checkpoint(folder) is not None  # resumes its last.ckpt, whatever ckpt_path says
+                claim(folder, requeued or resumes(config.ckpt_path, folder), config.overwrite)
+                if not requeued:
+                    resolve(config.ckpt_path, folder)  # a checkpoint that is not there: refused here
             if keeps_record(config.hydra):
                 keep_record(folder)
         except UserError as err:
