@@ -37,7 +37,6 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     """Checks `cfg` and builds what it describes: the module, the data and the trainer.
     What a library raises while building a group becomes a UserError naming that group."""
     check_config(cfg)
-    launch.check_devices(cfg.trainer.accelerator, cfg.trainer.get("devices"))
     if _in_sweep():  # a sweep over trainer= itself (the sweep's own settings: preflight.py)
         launch.check(cfg.trainer.get("strategy"), multirun=True, run_dir_given=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -169,8 +169,16 @@ def test_outputs_a_killed_process_was_putting_back_are_put_back_by_the_next(tmp_
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json"]
 
 
-def test_a_missing_checkpoint_is_refused_before_a_folder_is_made(tmp_path, monkeypatch):
+@pytest.mark.parametrize("args, says", [
+    (["ckpt_path=last"], "last.ckpt does not exist"),
+    (["trainer=gpu"], "none is visible"),  # on this CPU-only machine (GPU machines skip it)
+    (["trainer.devices=99"], "trainer.devices=99"),
+    (["data=text"], "data=text needs files"),
+], ids=["missing-checkpoint", "no-gpu", "devices", "no-files"])
+def test_refused_before_a_folder_is_made(tmp_path, monkeypatch, args, says):
+    if args == ["trainer=gpu"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
     monkeypatch.chdir(tmp_path)
-    line = last_error(run_train_here(None, *SMOKE, "ckpt_path=last"))
-    assert line.startswith("error: checkpoint outputs/") and "last.ckpt does not exist" in line
+    line = last_error(run_train_here(None, *SMOKE, *args))
+    assert line.startswith("error: ") and says in line, line
     assert list((tmp_path / "outputs").rglob("*")) == []  # no .hydra/, no train.log, no DATE/TIME

@@ -1,7 +1,8 @@
 """Every setting checked once, at the start, before anything is built or written: each
 config group against the typed arguments of what it builds (its `_target_`), whose
-ranges are declared there as pydantic types. A bad value ends as one UserError that
-names the key, e.g. `model.lr=-1: input should be greater than 0`."""
+ranges are declared there as pydantic types; also the devices asked for, and the files
+data=text needs. A bad value ends as one UserError that names the key, e.g.
+`model.lr=-1: input should be greater than 0`."""
 
 import functools
 import inspect
@@ -23,6 +24,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, FilePath, No
 
 from bert_mlm import launch
 from bert_mlm.checkpoints import last_checkpoint
+from bert_mlm.corpus import check_files
 from bert_mlm.errors import UserError, find_cause
 from bert_mlm.module import VAL_METRICS
 from bert_mlm.vocab import VocabSize
@@ -126,6 +128,10 @@ def check_config(cfg: DictConfig) -> None:
         check_values(f"{path}.", model, values)
     _check_checkpoints(cfg)
     _check_end(cfg.get("trainer") or {}, OmegaConf.select(cfg, "data.streaming", default=False))
+    if cfg.get("data"):
+        check_files(cfg.data.get("corpus", "pydocs"), cfg.data.get("train_files"), cfg.data.get("val_files"))
+    if cfg.get("trainer"):
+        launch.check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices"))
 
 
 def _check_end(trainer: DictConfig, streaming: bool) -> None:

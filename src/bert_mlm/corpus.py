@@ -88,12 +88,19 @@ def not_utf8(err: UnicodeDecodeError, files: list[str]) -> UserError:
                      "data.train_files / data.val_files")
 
 
+def check_files(corpus: str, train_files: list | None, val_files: list | None) -> None:
+    """Files go with data=text, which needs them (checked with the config, before anything is written)."""
+    if corpus != "text" and (train_files or val_files):  # else silently not read
+        raise UserError(f"data.train_files and data.val_files are read with data=text, not with this "
+                        f"run's data={corpus}: add data=text")
+    if corpus == "text" and not train_files:
+        raise UserError("data=text needs files: set data.train_files=[a.txt,b.txt]")
+
+
 def text_files(
     train_files: list[str], val_files: list[str] | None, cache_dir: str | None, streaming: bool = False
 ) -> Corpus:
     """Local .txt (one example per line), .json/.jsonl, .csv or .parquet files."""
-    if not train_files:
-        raise UserError("data=text needs files: set data.train_files=[a.txt,b.txt]")
     data_files = {"train": list(train_files)}
     if val_files:
         data_files["validation"] = list(val_files)

@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bert_mlm import corpus
+from bert_mlm.corpus import check_files
 from bert_mlm.checks import Probability
 from bert_mlm.errors import UserError
 from bert_mlm.masking import MaskingCollator
@@ -134,9 +135,7 @@ class MLMDataModule(L.LightningDataModule):
     ):
         """The ranges in the annotations are checked with the rest of the config (checks.py)."""
         super().__init__()
-        if corpus != "text" and (train_files or val_files):  # else silently not read
-            raise UserError(f"data.train_files and data.val_files are read with data=text, not with this "
-                            f"run's data={corpus}: add data=text")
+        check_files(corpus, train_files, val_files)
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.train_files, self.val_files = train_files, val_files
