@@ -398,3 +398,27 @@ def test_tokens_per_second_leave_out_validation_and_the_saves_after_it(tmp_path)
     trainer.fit(module, data)
     assert throughput._paused >= 4  # the two saves, at steps 2 and 4, at least
     assert throughput.tokens_per_sec > 0
+
+
+def test_tokens_per_second_in_the_end_are_the_whole_runs_across_a_resume(tmp_path):
+    """The checkpoint keeps the tokens and seconds measured so far; a run resumed after its
+    last step (stopped during its final validation) trains no more and reports them."""
+    from bert_mlm import MLMDataModule
+    from bert_mlm.throughput import Throughput
+
+    def fit(throughput: Throughput, ckpt_path=None) -> L.Trainer:
+        module = tiny_module()
+        data = MLMDataModule(module.tokenizer, max_length=64, batch_size=8, cache_dir=str(tmp_path / "cache"))
+        trainer = L.Trainer(max_steps=4, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[throughput],
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+        return trainer
+
+    first = Throughput(warmup_batches=1)
+    fit(first).save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["Throughput"]
+    assert saved["tokens"] == 3 * 8 * 64 and saved["seconds"] > 0  # batches 2 to 4, packed: no padding
+    assert first.tokens_per_sec == saved["tokens"] / saved["seconds"]
+    resumed = Throughput(warmup_batches=1)
+    fit(resumed, tmp_path / "last.ckpt")
+    assert resumed.tokens_per_sec == saved["tokens"] / saved["seconds"]

@@ -20,7 +20,10 @@ class Throughput(L.Callback):
 
     MFU divides by `peak_tflops` when set, else by the datasheet bf16 peak of a known GPU,
     or on a CPU by what a large matrix product in the run's precision reaches there,
-    measured at the start (a fraction of a second)."""
+    measured at the start (a fraction of a second).
+
+    The checkpoint keeps the tokens and seconds measured so far, so the rate at the end
+    (metrics.json) is the whole run's, across resumes; the logged one is the current rate."""
 
     def __init__(self, warmup_batches: PositiveInt = 3, peak_tflops: PositiveFloat | None = None):
         self.warmup_batches = warmup_batches
@@ -28,6 +31,7 @@ class Throughput(L.Callback):
         self.tokens_per_sec: float | None = None
         self._start = None  # also read by Lightning's sanity check, which comes before on_train_start
         self._validation_start: float | None = None  # of a validation during training, until the next batch
+        self._earlier = {"tokens": 0.0, "seconds": 0.0}  # measured before a resume (all ranks' tokens)
 
     def on_train_start(self, trainer, pl_module):
         self._batches = 0
@@ -44,9 +48,27 @@ class Throughput(L.Callback):
         else:
             peak = peak_flops(device)
         self._peak = peak and peak * trainer.world_size
+        self._world_size = trainer.world_size
+
+    def _seconds(self) -> float:
+        """Of training since the start: without validations, the one under way included."""
+        now = time.perf_counter()
+        pausing = now - self._validation_start if self._validation_start is not None else 0.0
+        return now - self._start - self._paused - pausing
 
     def _rate(self, tokens: float) -> float:
-        return tokens / (time.perf_counter() - self._start - self._paused)
+        return tokens / self._seconds()
+
+    def state_dict(self) -> dict[str, float]:
+        if self._start is None:
+            return dict(self._earlier)
+        # Rank 0's tokens for all (a save is no time for a collective); exact for packed data.
+        return {"tokens": self._earlier["tokens"] + self._tokens.item() * self._world_size,
+                "seconds": self._earlier["seconds"] + self._seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._earlier = dict(state_dict)
+        self._set_rate(**self._earlier)  # a run resumed after its last step trains no more
 
     def on_validation_start(self, trainer, pl_module):
         if trainer.state.fn == "fit" and self._start is not None:
@@ -79,7 +101,13 @@ class Throughput(L.Callback):
                 pl_module.log_dict(metrics, rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module):
-        if self._start is None:
-            return  # too few batches to measure
-        self._end_pause()  # the final validation's
-        self.tokens_per_sec = self._rate(trainer.strategy.reduce(self._tokens.float(), reduce_op="sum").item())
+        if self._start is not None:  # this process's share joins the earlier ones: the checkpoint saved next keeps it
+            self._end_pause()  # the final validation's
+            tokens = trainer.strategy.reduce(self._tokens.float(), reduce_op="sum").item()  # all ranks'
+            self._earlier = {"tokens": self._earlier["tokens"] + tokens,
+                             "seconds": self._earlier["seconds"] + self._seconds()}
+            self._start = None
+        self._set_rate(**self._earlier)
+
+    def _set_rate(self, tokens: float, seconds: float) -> None:
+        self.tokens_per_sec = tokens / seconds if seconds else None  # None: too few batches to measure
