@@ -42,7 +42,7 @@ bench-data: install
 	$(PY) benchmarks/bench_data.py $(BENCH_DATA)
 
 # On a machine with NVIDIA GPUs (after make install TORCH=torch): the GPU tests, BERT-base against
-# the Hugging Face recipe, the largest batch, a profile; one table in gpu-check/ (under 10 min)
+# the Hugging Face recipe, the largest batch, a profile; one table in gpu-check/ (docs/gpu.md)
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 

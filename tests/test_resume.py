@@ -248,6 +248,7 @@ def test_nonfinite_loss_stops_without_breaking_what_was_saved(tmp_path):
                      f"data.cache_dir={tmp_path / 'cache'}")
     line = last_error(proc)
     assert line.startswith("error: the training loss or its gradients were NaN or infinite at step"), proc.stderr[-2000:]
+    assert proc.returncode == 2
     assert not (run_dir / "hf_model").exists() and not (run_dir / "metrics.json").exists()
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():

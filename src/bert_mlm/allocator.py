@@ -1,7 +1,7 @@
 """Keep freed memory in the process on CPUs: glibc's malloc gives large freed buffers back to
 the operating system, so every training step maps fresh pages for its activations and
 gradients (tens of MB each) and page-faults through them again. Here buffers up to 32 MB
-come from the heap and freed ones stay there (the README's lever table has the effect)."""
+come from the heap and freed ones stay there (docs/performance-notes.md's lever table has the effect)."""
 
 import ctypes
 import logging
