@@ -132,6 +132,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
         before = report.val_metrics(trainer.validate(module, datamodule))
+        if trainer.received_sigterm:  # in validation's last batch, which Lightning lets finish; fit would forget it
+            raise SIGTERMException
     if trainer.is_global_zero:  # accepted: this run's settings are the folder's record now
         drop_kept_record(output_dir)
     start = time.perf_counter()

@@ -147,6 +147,23 @@ def test_ctrl_c_is_sigterm_once_then_the_default(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
+def test_ctrl_c_in_the_last_batch_of_the_validation_before_training_stops_the_run(tmp_path, monkeypatch):
+    """Lightning lets validation's last batch finish without raising, and trainer.fit would
+    reset its flag: the stop would be lost, and the next Ctrl-C end the run unsaved."""
+    import train
+
+    class PressInLastBatch(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if trainer.state.fn == "validate" and batch_idx == trainer.num_val_batches[0] - 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    fit = train.train
+    monkeypatch.setattr(train, "train", lambda cfg, callbacks=(): fit(cfg, [*callbacks, PressInLastBatch()]))
+    proc = run_train_here(tmp_path / "run", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 130 and "stopped by Ctrl-C" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
 def test_sigterm_outside_a_trainer_stops_at_once_and_leaves_lightning_its_own():
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
