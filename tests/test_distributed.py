@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from bert_mlm import MLMDataModule
+from bert_mlm.errors import UserError
 from bert_mlm.pretrained import load_tokenizer
 from conftest import SMOKE, run_train
 
@@ -39,6 +40,8 @@ def test_validation_takes_each_block_once_over_the_ranks(tmp_path):
         assert isinstance(sampler, DistributedSampler)  # so Lightning leaves it as it is
         shares.append(list(sampler))
     assert len(shares[0]) == 9 and len(shares[1]) == 8 and sorted(shares[0] + shares[1]) == list(range(17))
+    with pytest.raises(UserError, match=r"fewer blocks \(1\) than the run has processes \(2\)"):
+        datamodule_on_rank(1, tmp_path, val_max_blocks=1).val_dataloader()
 
 
 def test_streaming_shards_by_rank(tmp_path):

@@ -395,5 +395,9 @@ class MLMDataModule(L.LightningDataModule):
         # repeating blocks, which validation's sums over all ranks would count twice. The
         # shares may differ by a batch: validation has no collective per batch.
         rank, ranks = self._shard()
+        if len(self.val_set) < ranks:
+            raise UserError(f"the validation set has fewer blocks ({len(self.val_set)}) than the run has processes "
+                            f"({ranks}), each of which needs one: give more validation text (data.val_files, "
+                            "data.val_percent)")
         sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=ranks, rank=rank, shuffle=False)
         return self._loader(self.val_set, self.val_collator, train=False, sampler=sampler)
