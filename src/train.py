@@ -116,15 +116,15 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
-    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=_in_sweep())
     module, datamodule, trainer = build(cfg, callbacks)
+    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=_in_sweep())
     done = output_dir / "metrics.json"
     if ckpt_path:  # of the same settings (or refused); a run that finished is refused, but in a sweep
-        resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, done.exists() and not _in_sweep())
-        finished = json.loads(done.read_text()) if _in_sweep() and done.exists() else None
-        if finished and finished["steps"] >= cfg.trainer.max_steps > 0:
+        finished = done.exists() and not _in_sweep()
+        step = resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, finished)
+        if _in_sweep() and done.exists() and step >= cfg.trainer.max_steps > 0:
             done.touch()  # a sweep run again to finish it: this job's result stands (and is this sweep's)
-            return finished
+            return json.loads(done.read_text())
     new_run = trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
     if new_run and not cfg.overwrite:  # the folder holds no run (preflight.claim), but may hold a failed one's log
         keep_failed_log(output_dir)

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
 from bert_mlm.launch import check, launched_rank
-from bert_mlm.requeue import requeued_checkpoint
 from bert_mlm.resume import resolve
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
@@ -187,10 +186,8 @@ class Preflight(Callback):
             # refusal (one left waiting for the others would hang until the process group's
             # time-out). prepare_only writes nothing there but a vocabulary, which checks itself.
             if not config.prepare_only:
-                requeued = requeued_checkpoint(folder) is not None  # resumes its last.ckpt, whatever ckpt_path says
-                claim(folder, requeued or resumes(config.ckpt_path, folder), config.overwrite)
-                if not requeued:
-                    resolve(config.ckpt_path, folder)  # a checkpoint that is not there: refused here
+                # A checkpoint that is not there is refused here.
+                claim(folder, resumes(resolve(config.ckpt_path, folder), folder), config.overwrite)
             if keeps_record(config.hydra):
                 keep_record(folder)
         except UserError as err:

@@ -2,7 +2,6 @@
 whether it fits the model and the data."""
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -23,21 +22,22 @@ def _plain(value):
 
 
 def resolve(ckpt_path: str | None, output_dir: Path, sweep_job: bool = False) -> str | None:
-    """The checkpoint to resume from. In a sweep run again with ckpt_path=last, a job that
-    saved none yet (the sweep stopped before it) starts afresh."""
+    """The checkpoint to resume from: a requeued SLURM job's last.ckpt (its command is the
+    first attempt's), else ckpt_path (a file there: checked with the config), `last` being the
+    run folder's last.ckpt. In a sweep run again with ckpt_path=last, a job that saved none
+    yet (the sweep stopped before it) starts afresh."""
     requeued = requeued_checkpoint(output_dir)
-    if requeued:  # the same command as the first attempt: it cannot name the checkpoint
-        log.info(f"requeued SLURM job (restart {os.environ['SLURM_RESTART_COUNT']}): resuming from {requeued}")
+    if requeued:
         return str(requeued)
-    if ckpt_path is None:
+    if ckpt_path != "last":
+        return ckpt_path
+    last = last_checkpoint(output_dir)
+    if last.is_file():
+        return str(last)
+    if sweep_job:
+        log.info(f"{last} does not exist: this job of the sweep starts afresh")
         return None
-    path = last_checkpoint(output_dir) if ckpt_path == "last" else Path(ckpt_path)
-    if sweep_job and ckpt_path == "last" and not path.is_file():
-        log.info(f"{path} does not exist: this job of the sweep starts afresh")
-        return None
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: check ckpt_path (or hydra.run.dir for 'last')")
-    return str(path)
+    raise UserError(f"checkpoint {last} does not exist: check hydra.run.dir (ckpt_path=last resumes the run there)")
 
 
 def _check_vocabulary(saved: str | None, module: MLMModule) -> None:
@@ -53,12 +53,12 @@ def _check_vocabulary(saved: str | None, module: MLMModule) -> None:
 
 
 def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max_steps: int,
-               finished: bool = False) -> None:
+               finished: bool = False) -> int:
     """Refuses a checkpoint that cannot be read, of another model size, of a run on other
     data settings (its DataLoader position would be restored over other batches), or already
     at `max_steps` of a `finished` run (nothing to train: its metrics.json would be rewritten
     without figures), before anything runs. At max_steps of a run stopped during its final
-    validation or export, it goes on to those."""
+    validation or export, it goes on to those. Returns the checkpoint's step."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         saved = checkpoint["state_dict"]
@@ -90,9 +90,11 @@ def check_fits(ckpt_path: str, module: MLMModule, datamodule: MLMDataModule, max
         raise UserError(f"the checkpoint's run was trained with {', '.join(changed)}: resume with its data "
                         "settings, or start a new run from its weights (model.pretrained=<run>/hf_model)")
     step = checkpoint["global_step"]
+    log.info(f"resuming from {ckpt_path} (step {step})")
     if finished and 0 < max_steps <= step:
         raise UserError(f"{ckpt_path} is at step {step}, the run's end (trainer.max_steps="
                         f"{max_steps}): raise trainer.max_steps to train on")
     if 0 < max_steps < step:  # Lightning would stop at once and call the run done at `step`
         raise UserError(f"{ckpt_path} is at step {step}, past trainer.max_steps={max_steps}: resume with "
                         f"trainer.max_steps={step} or more")
+    return step
