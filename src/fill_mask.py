@@ -9,20 +9,12 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import enable_progress_bars
-from pydantic import BaseModel, Field, PositiveInt
 from transformers import pipeline
 from transformers.utils import logging as hf_logging
 
 from bert_mlm import MLMModule, UserError
-from bert_mlm.checks import check_values
 from bert_mlm.errors import refuse
 from bert_mlm import pretrained
-
-
-class Options(BaseModel):
-    """The options' ranges (argparse checks only their types), named as on the command line."""
-
-    top_k: PositiveInt = Field(alias="top-k")
 
 
 def load(source: str, device: str):
@@ -80,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU when one is visible")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k={args.top_k}: input should be greater than 0")
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, a blink before every answer...
     enable_progress_bars()  # ...but a hub model's download keeps its bar
     try:
-        check_values("--", Options, {"top-k": args.top_k})
         # (line number or None, text): lines of stdin are numbered, for what is skipped.
         texts = [(None, t) for t in args.text] or [(n, line.strip()) for n, line in enumerate(sys.stdin, 1)
                                                    if line.strip()]

@@ -8,10 +8,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
+import datasets
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -37,7 +37,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     """Checks `cfg` and builds what it describes: the module, the data and the trainer.
     What a library raises while building a group becomes a UserError naming that group."""
     check_config(cfg)
-    if _in_sweep():  # a sweep over trainer= itself (the sweep's own settings: preflight.py)
+    if launch.in_sweep():  # a sweep over trainer= itself (the sweep's own settings: preflight.py)
         launch.check(cfg.trainer.get("strategy"), multirun=True, run_dir_given=True)
     L.seed_everything(cfg.seed, workers=True)
     with building("tokenizer", cfg.tokenizer):
@@ -109,7 +109,7 @@ def prepare(cfg: DictConfig) -> None:
     data = _datamodule(cfg, tokenizer)
     data.setup("fit")  # tokenizes and packs into the cache, as prepare_data would, and counts the blocks
     print(f"prepared {len(data.train_set):,} training and {len(data.val_set):,} validation blocks of "
-          f"{cfg.data.max_length} tokens in the cache ({cfg.data.cache_dir or '~/.cache/huggingface/datasets'}); "
+          f"{cfg.data.max_length} tokens in the cache ({cfg.data.cache_dir or datasets.config.HF_DATASETS_CACHE}); "
           "train with the same data and model settings, without prepare_only")
 
 
@@ -117,12 +117,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
     module, datamodule, trainer = build(cfg, callbacks)
-    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=_in_sweep())
+    ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=launch.in_sweep())
     done = output_dir / "metrics.json"
     if ckpt_path:  # of the same settings (or refused); a run that finished is refused, but in a sweep
-        finished = done.exists() and not _in_sweep()
+        finished = done.exists() and not launch.in_sweep()
         step = resume.check_fits(ckpt_path, module, datamodule, cfg.trainer.max_steps, finished)
-        if _in_sweep() and done.exists() and step >= cfg.trainer.max_steps > 0:
+        if launch.in_sweep() and done.exists() and step >= cfg.trainer.max_steps > 0:
             done.touch()  # a sweep run again to finish it: this job's result stands (and is this sweep's)
             return json.loads(done.read_text())
     new_run = trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
@@ -141,10 +141,6 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     wall_s = time.perf_counter() - start
     after = report.val_metrics(trainer.validate(module, datamodule))
     return report.finish_run(trainer, module, cfg, before, after, wall_s)
-
-
-def _in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
@@ -174,7 +170,7 @@ def main(cfg: DictConfig) -> float:
                 raise
             print(f"error: {message}", file=sys.stderr)
             record_in_log(f"error: {message}")
-            if _in_sweep():  # this job only: the sweep goes on
+            if launch.in_sweep():  # this job only: the sweep goes on
                 # To Optuna the worst of values (NaN, a failed trial, would end its search); summary.csv says failed.
                 return math.inf
             sys.exit(2)

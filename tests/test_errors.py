@@ -155,7 +155,7 @@ def test_fill_mask_refuses_top_k_of_0(capsys):
     with pytest.raises(SystemExit) as exit:  # refused before any model is looked for
         fill_mask.main(["no-such-model", "a [MASK]", "--top-k", "0"])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --top-k=0: input should be greater than 0"
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --top-k=0: input should be greater than 0")
     with pytest.raises(SystemExit) as exit:  # what argparse itself refuses: the same kind of line
         fill_mask.main(["no-such-model", "a [MASK]", "--top-k", "x"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -27,6 +27,7 @@ from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.corpus import check_files
 from bert_mlm.errors import UserError, find_cause
 from bert_mlm.module import VAL_METRICS
+from bert_mlm.schedule import NO_END
 from bert_mlm.vocab import VocabSize
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -142,7 +143,7 @@ def _check_end(trainer: DictConfig, streaming: bool) -> None:
         raise UserError("data.streaming=true reads a stream of unknown length: set trainer.max_steps "
                         "(or a time budget, trainer.max_time)")
     if (trainer.get("max_epochs") or -1) < 0:
-        raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+        raise UserError(NO_END)
 
 
 def _check_checkpoints(cfg: DictConfig) -> None:

@@ -7,12 +7,12 @@ import shlex
 import sys
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from bert_mlm import corpus
 from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.errors import UserError, causes
+from bert_mlm.launch import in_sweep
 
 
 def user_message(err: BaseException | None, data_files: list[str] = ()) -> str | None:
@@ -63,6 +63,6 @@ def print_resume_command(output_dir: str, stopped_by: str) -> None:
     command = " ".join(shlex.quote(o) for o in resume_overrides(hydra.overrides.task, output_dir))
     print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
           f"  python -m train {command}", file=sys.stderr)
-    if hydra.mode == RunMode.MULTIRUN:
+    if in_sweep():
         print(f"or finish the whole sweep: its command again with ckpt_path=last hydra.sweep.dir={hydra.sweep.dir} "
               "(finished jobs stand, the others resume or start)", file=sys.stderr)

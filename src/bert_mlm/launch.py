@@ -5,6 +5,8 @@ import logging
 import os
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from bert_mlm.errors import UserError
 from bert_mlm.workers import available_cores
@@ -18,6 +20,11 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16, AMX, Arm BF16).
     Elsewhere bf16 is emulated, about 100x slower than fp32 (AMD EPYC with AVX2 only)."""
     return os.environ.get(NO_BF16_ENV, "") in ("", "0") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra sweep (`python -m train -m ...`)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def launched_world_size() -> int:

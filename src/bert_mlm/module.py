@@ -16,7 +16,7 @@ from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
 from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
-from bert_mlm.schedule import COOLDOWN, Decay, budget_timer, lr_schedule
+from bert_mlm.schedule import COOLDOWN, NO_END, Decay, budget_timer, lr_schedule
 
 log = logging.getLogger(__name__)
 # What each validation logs (a checkpoint's callbacks.checkpoint.monitor is one of them).
@@ -36,8 +36,9 @@ def _divides_hidden_size(num_heads: int, info: ValidationInfo) -> int:
 class MLMModule(L.LightningModule):
     """`pretrained` (a packaged name, a folder or a hub name) continues training that
     BERT; `pretrained=None` builds one from scratch with the size arguments and the
-    vocabulary of `tokenizer`. The training defaults here are BERT's usual ones (dropout
-    0.1, warm-up, linear decay, a zero head bias); `python -m train` uses the recipe
+    vocabulary of `tokenizer`. The training defaults here are the usual ones of BERT-style
+    pretraining (dropout 0.1, warm-up, linear decay, a zero head bias; RoBERTa's betas and
+    eps, lr 5e-4 as for small BERTs); `python -m train` uses the recipe
     measured best in conf/model/ instead (minilm.yaml: no dropout, no warm-up, wsd,
     unigram head bias): pass those to train as the command line does."""
 
@@ -261,7 +262,7 @@ class MLMModule(L.LightningModule):
         timer = budget_timer(self.trainer.callbacks)
         total_steps = self.trainer.estimated_stepping_batches
         if total_steps == float("inf") and timer is None:
-            raise UserError("training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+            raise UserError(NO_END)
         if hp.warmup_steps >= total_steps:
             log.warning(f"model.warmup_steps={hp.warmup_steps} is not below the run's {total_steps} steps: the lr "
                         f"never reaches model.lr={hp.lr}")

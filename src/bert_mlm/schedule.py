@@ -16,6 +16,9 @@ from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+# What a run without max_steps, max_epochs or max_time is told (checked with the config, and by MLMModule).
+NO_END = "training has no end: set trainer.max_steps, trainer.max_epochs or trainer.max_time"
+
 
 Decay = Literal["linear", "cosine", "wsd"]
 COOLDOWN = 0.2  # wsd's default share of the decay in which the lr falls to 0 (the one measured)

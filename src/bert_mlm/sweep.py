@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import refuse
-from bert_mlm.module import VAL_METRICS as METRICS
+from bert_mlm.module import VAL_METRICS
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
@@ -31,7 +31,7 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
             {
                 "job": job.name,
                 "overrides": " ".join(OmegaConf.load(job / ".hydra" / "overrides.yaml")),
-                **{name: after.get(name, "") for name in METRICS},
+                **{name: after.get(name, "") for name in VAL_METRICS},
                 "steps": metrics.get("steps", ""),
                 "tokens_per_sec": metrics.get("train/tokens_per_sec", ""),
                 "status": "done" if metrics else "failed",
@@ -40,7 +40,7 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     rows.sort(key=lambda r: r["val/loss"] if r["val/loss"] != "" else math.inf)
     path = sweep_dir / "summary.csv"
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["job", "overrides", *METRICS, "steps", "tokens_per_sec", "status"])
+        writer = csv.DictWriter(f, fieldnames=["job", "overrides", *VAL_METRICS, "steps", "tokens_per_sec", "status"])
         writer.writeheader()
         writer.writerows(rows)
     return rows
