@@ -130,7 +130,7 @@ class MaskingCollator:
         seeds = [e["mask_seed"] for e in examples] if "mask_seed" in examples[0] else None
         masked, labels = self.mask(input_ids, attention_mask, seeds)
         # Found here, in the DataLoader's workers, and pinned with the rest: found on a GPU
-        # (boolean indexing, transformers' check for an all-ones mask) they would make the host
-        # wait for it every step.
+        # (boolean indexing, a sum, transformers' check for an all-ones mask) they would make the
+        # host wait for it every step.
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels,
-                "masked_positions": masked_positions(labels), "has_padding": not attention_mask.all()}
+                "masked_positions": masked_positions(labels), "num_tokens": int(attention_mask.sum())}

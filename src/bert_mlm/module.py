@@ -14,7 +14,6 @@ from bert_mlm.cadence import logs_at
 from bert_mlm.dropout import use_bitmask_dropout
 from bert_mlm.errors import UserError
 from bert_mlm.loss import summed_cross_entropy
-from bert_mlm.masking import masked_positions
 from bert_mlm.pretrained import ModelName, load_config, load_model, load_tokenizer
 from bert_mlm.schedule import COOLDOWN, NO_END, Decay, budget_timer, lr_schedule
 
@@ -134,12 +133,10 @@ class MLMModule(L.LightningModule):
         Only the masked rows go through the MLM head, so the (B, T, V) logits tensor
         of HF's forward, ~85% of it wasted on unmasked positions, never exists."""
         # No mask for blocks without padding (packed data): none to build, and SDPA's fastest kernels.
-        mask = batch["attention_mask"] if batch.get("has_padding", True) else None
+        padded = batch["num_tokens"] < batch["input_ids"].numel()
+        mask = batch["attention_mask"] if padded else None
         hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state  # (B, T, H)
-        # (M,) flat indices into (B * T); the collator finds them on the host (no GPU sync).
-        positions = batch.get("masked_positions")
-        if positions is None:
-            positions = masked_positions(batch["labels"])
+        positions = batch["masked_positions"]  # (M,) flat indices into (B * T), found by the collator
         hidden = hidden.flatten(0, 1)[positions]  # (M, H)
         return self.model.cls(hidden), batch["labels"].flatten()[positions]  # (M, V), (M,)
 

@@ -16,7 +16,7 @@ class Throughput(L.Callback):
     data loading, masking, forward, backward and optimizer step of every later batch, and
     the periodic saves of last.ckpt; validation and the checkpoint saves after it (until
     the next training batch starts) are left out.
-    Tokens are summed on the device and read only when logged, to avoid a sync per step.
+    Tokens are counted on the host, by the collator: the step waits for no device.
 
     MFU divides by `peak_tflops` when set, else by the datasheet bf16 peak of a known GPU,
     or on a CPU by what a large matrix product in the run's precision reaches there,
@@ -35,7 +35,7 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._batches = 0
-        self._tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)
+        self._tokens = 0  # this rank's, since the start
         self._start = self._validation_start = None
         self._paused = 0.0  # seconds spent in validation (and the saves after it) since the start
         self._flops_per_token = None
@@ -63,7 +63,7 @@ class Throughput(L.Callback):
         if self._start is None:
             return dict(self._earlier)
         # Rank 0's tokens for all (a save is no time for a collective); exact for packed data.
-        return {"tokens": self._earlier["tokens"] + self._tokens.item() * self._world_size,
+        return {"tokens": self._earlier["tokens"] + self._tokens * self._world_size,
                 "seconds": self._earlier["seconds"] + self._seconds()}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
@@ -91,10 +91,10 @@ class Throughput(L.Callback):
             seq_len = batch["input_ids"].shape[1]
             self._flops_per_token = flops_per_token(pl_module.model.config, seq_len, mlm_probability)
         elif self._start is not None:
-            self._tokens += batch["attention_mask"].sum()
+            self._tokens += batch["num_tokens"]
             if logs_at(trainer.global_step, trainer):
                 # Every rank has the same number of batches; packed ones the same tokens too.
-                rate = self._rate(self._tokens.item() * trainer.world_size)
+                rate = self._rate(self._tokens * trainer.world_size)
                 metrics = {"train/tokens_per_sec": rate}
                 if self._peak:
                     metrics["train/mfu"] = rate * self._flops_per_token / self._peak
@@ -103,7 +103,8 @@ class Throughput(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self._start is not None:  # this process's share joins the earlier ones: the checkpoint saved next keeps it
             self._end_pause()  # the final validation's
-            tokens = trainer.strategy.reduce(self._tokens.float(), reduce_op="sum").item()  # all ranks'
+            mine = torch.tensor(float(self._tokens), device=pl_module.device)
+            tokens = trainer.strategy.reduce(mine, reduce_op="sum").item()  # all ranks'
             self._earlier = {"tokens": self._earlier["tokens"] + tokens,
                              "seconds": self._earlier["seconds"] + self._seconds()}
             self._start = None
