@@ -23,8 +23,7 @@ from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import stop_signals
-from bert_mlm.preflight import (drop_kept_record, keep_failed_log, keeps_record, replacing, restore_record,
-                                resumes)
+from bert_mlm.preflight import accept_record, drop_new_record, keep_failed_log, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
@@ -135,7 +134,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         if trainer.received_sigterm:  # in validation's last batch, which Lightning lets finish; fit would forget it
             raise SIGTERMException
     if trainer.is_global_zero:  # accepted: this run's settings are the folder's record now
-        drop_kept_record(output_dir)
+        accept_record(output_dir)
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)  # runs no code from it
     wall_s = time.perf_counter() - start
@@ -175,8 +174,7 @@ def main(cfg: DictConfig) -> float:
                 return math.inf
             sys.exit(2)
         finally:  # refused or stopped before it was accepted: the folder's record as it was
-            if keeps_record(HydraConfig.get()):
-                restore_record(Path(cfg.output_dir))
+            drop_new_record(HydraConfig.get(), Path(cfg.output_dir))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
-from bert_mlm.launch import check, launched_rank
+from bert_mlm.launch import check
 from bert_mlm.resume import resolve
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
 RUN_OUTPUTS = ("checkpoints", "hf_model", "metrics.json", "tensorboard", "tokenizer")
 REPLACED = ".replaced"  # where they wait while a run with overwrite=true is checked
-RECORD, RECORD_KEPT = ".hydra", ".hydra-kept"  # Hydra's record of the run's settings, and its copy
+RECORD, NEW_RECORD = ".hydra", ".hydra-new"  # Hydra's record of the run's settings, and a new run's
 RESTORE_WAIT_S = 30.0  # putting them back takes a few renames: a process still at it after this was killed
 log = logging.getLogger(__name__)
 
@@ -96,28 +96,18 @@ def put_back(folder: Path) -> None:
     mine.rmdir()
 
 
-def keep_record(folder: Path) -> None:
-    """Before Hydra rewrites .hydra/ for a command that the checks after it may still refuse
-    (a resume, overwrite=true): a copy, put back if it is refused or stopped (restore_record),
-    dropped once the run is accepted. One left by a killed run is the record to keep."""
-    if (folder / RECORD).is_dir() and not (folder / RECORD_KEPT).exists():
-        shutil.copytree(folder / RECORD, folder / RECORD_KEPT)
-
-
-def keeps_record(hydra: DictConfig) -> bool:
-    """Whether this process keeps the record: Hydra writes one (not for prepare_only, nor in a
-    DDP rank Lightning started), and it is the first of those torchrun or srun started."""
-    return hydra.output_subdir is not None and launched_rank() == 0
-
-
-def restore_record(folder: Path) -> None:
-    if (folder / RECORD_KEPT).is_dir():
+def accept_record(folder: Path) -> None:
+    """This run's record of its settings, written beside the folder's earlier one while the
+    run could still be refused (see Preflight), becomes the folder's record."""
+    if (folder / NEW_RECORD).is_dir():
         _remove(folder / RECORD)
-        (folder / RECORD_KEPT).rename(folder / RECORD)
+        (folder / NEW_RECORD).rename(folder / RECORD)
 
 
-def drop_kept_record(folder: Path) -> None:
-    _remove(folder / RECORD_KEPT)
+def drop_new_record(hydra: DictConfig, folder: Path) -> None:
+    """A run refused or stopped before accept_record: the folder's record stays as it was."""
+    if hydra.output_subdir == NEW_RECORD:
+        _remove(folder / NEW_RECORD)
 
 
 def keep_failed_log(folder: Path) -> None:
@@ -188,8 +178,11 @@ class Preflight(Callback):
             if not config.prepare_only:
                 # A checkpoint that is not there is refused here.
                 claim(folder, resumes(resolve(config.ckpt_path, folder), folder), config.overwrite)
-            if keeps_record(config.hydra):
-                keep_record(folder)
+            if config.hydra.output_subdir == RECORD and (folder / RECORD).is_dir():
+                # A resume or an overwrite may still be refused after Hydra writes its record: it
+                # goes beside the folder's, until the run is accepted (accept_record).
+                with read_write(config.hydra):
+                    config.hydra.output_subdir = NEW_RECORD
         except UserError as err:
             if made:
                 with suppress(OSError):  # made empty here (and its day's, if no other run is in it)
