@@ -14,6 +14,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
@@ -22,7 +23,7 @@ from bert_mlm.cadence import validation_cadence
 from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
-from bert_mlm.interrupt import stop_signals
+from bert_mlm.interrupt import StopTogether, stop_signals
 from bert_mlm.preflight import accept_record, drop_new_record, keep_failed_log, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
@@ -53,7 +54,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     # callback is given: leave the callback out when its flag is false.
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
     off = {name for name, flag in flags.items() if cfg.trainer.get(flag) is False}
-    built = []
+    built = [StopTogether()]
     for name, node in (cfg.get("callbacks") or {}).items():  # ~callbacks or callbacks.NAME=null: none
         if name not in off and node is not None:
             with building(f"callbacks.{name}", node):
@@ -131,7 +132,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
         before = report.val_metrics(trainer.validate(module, datamodule))
-        if trainer.received_sigterm:  # in validation's last batch, which Lightning lets finish; fit would forget it
+        stop = next(c for c in trainer.callbacks if isinstance(c, StopTogether))
+        if stop.requested(trainer):  # during validation, which finishes first (fit would forget it)
             raise SIGTERMException
     if trainer.is_global_zero:  # accepted: this run's settings are the folder's record now
         accept_record(output_dir)
@@ -143,7 +145,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
 
 
 def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
-    print_resume_command(cfg.output_dir, "Ctrl-C" if ctrl_c else "SIGTERM")
+    if rank_zero_only.rank == 0:  # once for a DDP run
+        print_resume_command(cfg.output_dir, "Ctrl-C" if ctrl_c else "SIGTERM")
     sys.exit(130 if ctrl_c else 143)  # 128 + the signal, as a shell reports it
 
 

@@ -3,6 +3,7 @@ Lightning's own launcher, torchrun as two nodes, and the environment srun sets. 
 started by torchrun and srun are interrupted and resumed, and must end bit for bit where
 the uninterrupted run of Lightning's launcher ends."""
 
+import contextlib
 import json
 import os
 import re
@@ -111,6 +112,31 @@ def test_lightning_launcher(lightning_run):
     assert (run_dir / "train_ddp_process_1.log").exists()  # rank 1 ran, in the same folder
     assert sorted(lightning_run.ranks) == [RANK0, RANK1]
     assert lightning_run.ranks[RANK0] != lightning_run.ranks[RANK1]  # each rank its own data and masks
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_to_every_process_stops_all_at_one_step_and_resumes_exactly(tmp_path, lightning_run, signum):
+    """What a terminal's Ctrl-C, scancel or Kubernetes do: the signal reaches every rank (and
+    Lightning's launcher passes it on again): all stop at the same step, save, and say so once."""
+    run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_dir.mkdir()
+    args = [*SMOKE, *DDP, "trainer.devices=2", "logger=tensorboard", lightning_run.cache, f"hydra.run.dir={run_dir}"]
+    with (tmp_path / "out").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "train", *args, EVERY], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **ONE_THREAD}, cwd=tmp_path, start_new_session=True)
+        try:
+            wait_for(last, proc)
+            os.killpg(proc.pid, signum)
+            assert proc.wait(timeout=120) == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+        finally:  # a hung run's processes, all of them
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "out").read_text()
+    assert out.count("stopped by ") == 1 and "ckpt_path=last" in out, out[-3000:]
+    assert 2 <= saved_step(last) < 10
+    resumed = run_train(run_dir, *args, "ckpt_path=last", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(final_state(run_dir), final_state(lightning_run.run_dir))
 
 
 def torchrun_node(node: int, port: int, run_dir: Path, attempt: int, *overrides: str) -> subprocess.Popen:
