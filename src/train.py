@@ -54,7 +54,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule,
     # callback is given: leave the callback out when its flag is false.
     flags = {"progress": "enable_progress_bar", "summary": "enable_model_summary"}
     off = {name for name, flag in flags.items() if cfg.trainer.get(flag) is False}
-    built = [StopTogether()]
+    built = []
     for name, node in (cfg.get("callbacks") or {}).items():  # ~callbacks or callbacks.NAME=null: none
         if name not in off and node is not None:
             with building(f"callbacks.{name}", node):
@@ -132,9 +132,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
     with replacing(output_dir, keep) if replace else nullcontext():  # the data is checked here
         before = report.val_metrics(trainer.validate(module, datamodule))
-        stop = next(c for c in trainer.callbacks if isinstance(c, StopTogether))
-        if stop.requested(trainer):  # during validation, which finishes first (fit would forget it)
-            raise SIGTERMException
+        stop = next((c for c in trainer.callbacks if isinstance(c, StopTogether)), None)
+        if stop.requested(trainer) if stop else trainer.received_sigterm:  # during validation, which finishes
+            raise SIGTERMException  # first (fit would forget it)
     if trainer.is_global_zero:  # accepted: this run's settings are the folder's record now
         accept_record(output_dir)
     start = time.perf_counter()
@@ -152,21 +152,21 @@ def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with stop_signals() as ctrl_c, stop_on_slurm_warning() as slurm_warning:
+    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning:
         try:
             if cfg.prepare_only:
                 return prepare(cfg)
-            metrics = train(cfg, [slurm_warning] if slurm_warning else [])
+            metrics = train(cfg, [stops, *([slurm_warning] if slurm_warning else [])])
             return metrics["after"].get("val/loss")  # what a sweeper minimises
         except Requeue as requeue:  # last.ckpt is saved: now the job can end
             print_resume_command(cfg.output_dir, f"SLURM's warning ({SIGNAL.name})")
             requeue.requeue()
             sys.exit(128 + SIGNAL)
         except (SIGTERMException, KeyboardInterrupt):
-            _stopped(cfg, ctrl_c.pressed)
+            _stopped(cfg, stops.pressed)
         except Exception as err:
             if find_cause(err, (SIGTERMException, KeyboardInterrupt)):  # a library that was stopped raised its own
-                _stopped(cfg, ctrl_c.pressed)
+                _stopped(cfg, stops.pressed)
             message = user_message(err, [*(cfg.data.get("train_files") or []), *(cfg.data.get("val_files") or [])])
             if message is None:
                 raise

@@ -142,9 +142,29 @@ def test_ctrl_c_is_sigterm_once_then_the_default(monkeypatch):
         assert received == [signal.SIGTERM] and ctrl_c.pressed  # as if SIGTERM came: Lightning's stop
         assert signal.signal(signal.SIGINT, signal.SIG_IGN) == signal.SIG_DFL  # a second one ends the process
     monkeypatch.undo()
-    with stop_signals(), pytest.raises(KeyboardInterrupt):  # no Trainer listening for SIGTERM
-        signal.raise_signal(signal.SIGINT)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with stop_signals() as stops:  # no Trainer listening for SIGTERM: stop at once, with its line and status
+        for _ in range(2):  # a library may swallow the first: noted, and the next stops as well
+            with pytest.raises(SIGTERMException):  # not KeyboardInterrupt: Lightning makes that status 1
+                signal.raise_signal(signal.SIGINT)
+        assert stops.pressed and stops.noted
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+def test_a_forked_worker_leaves_stopping_to_its_parent():
+    """datasets' tokenizing pool and DataLoader workers: a terminal's Ctrl-C reaches them too."""
+    from bert_mlm.interrupt import stop_signals
+
+    with stop_signals():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.write(write, bytes([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                                   signal.getsignal(signal.SIGTERM) == signal.SIG_DFL]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 2) == bytes([True, True])
 
 
 def test_ctrl_c_in_the_last_batch_of_the_validation_before_training_stops_the_run(tmp_path, monkeypatch):
@@ -206,6 +226,29 @@ def test_sigterm_while_data_is_read_says_how_it_stopped(tmp_path, monkeypatch, w
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "stopped by SIGTERM" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_ctrl_c_a_library_swallowed_while_data_is_read_still_stops_the_run(tmp_path, monkeypatch):
+    """`datasets` has bare excepts (its fingerprinting), which the raise from our handler can
+    land in: the stop is noted, and the run stops before it trains."""
+    from bert_mlm import corpus
+
+    read = corpus.text_files
+
+    def swallowed_while_reading(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:
+            pass
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(corpus, "text_files", swallowed_while_reading)
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to read.\n" * 500)
+    proc = run_train_here(tmp_path / "run", *SMOKE, "data=text", f"data.train_files=[{text}]",
+                          f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 130 and "stopped by Ctrl-C" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before it trained
 
 
 def test_loading_a_checkpoint_to_use_it_changes_no_random_state(tmp_path):

@@ -3,11 +3,11 @@ saved and the run says how to resume; a second Ctrl-C ends the process at once. 
 Trainer (preparing data, exporting), where Lightning has no handler, both stop at once with
 the same message. Under DDP every rank stops at the end of the same step (StopTogether)."""
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -15,33 +15,48 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 @contextmanager
-def stop_signals() -> Iterator[SimpleNamespace]:
-    """Yields a namespace whose `pressed` says whether Ctrl-C was pressed."""
-    state = SimpleNamespace(pressed=False)
+def stop_signals() -> Iterator["StopTogether"]:
+    """Yields the callback that stops a Trainer's run on them; its `pressed` says whether
+    Ctrl-C was pressed, its `noted` whether any stop signal came."""
+    stops = StopTogether()
 
     def on_sigterm(signum, frame):
         # While a Trainer runs, Lightning's handler is installed and calls this one after its
         # own, which stops at the end of the batch: nothing more to do then.
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            stops.noted = True
             raise SIGTERMException
 
     def on_ctrl_c(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C: the default, at once
-        state.pressed = True
+        stops.pressed = stops.noted = True  # noted: a library that swallows the raise cannot lose the stop
         handler = signal.getsignal(signal.SIGTERM)
-        if handler is on_sigterm:  # no Trainer running: just stop
-            raise KeyboardInterrupt
+        if handler is on_sigterm:  # no Trainer running: just stop (as SIGTERM: Lightning takes a
+            raise SIGTERMException  # KeyboardInterrupt while it prepares the data for a failure, status 1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C: the default, at once
         if rank_zero_only.rank == 0:  # a terminal's Ctrl-C reaches every process of a DDP run
             print("\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
                   "(Ctrl-C again stops at once, unsaved)", file=sys.stderr)
         handler(signal.SIGTERM, frame)  # Lightning's: it stops at the end of the batch
 
+    on_ctrl_c.stops_the_run = True  # see _leave_stopping_to_the_parent
     previous = signal.signal(signal.SIGINT, on_ctrl_c), signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield state
+        yield stops
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+def _leave_stopping_to_the_parent() -> None:
+    """In a process forked from a run (the `datasets` tokenizing pool, DataLoader workers): a
+    terminal's Ctrl-C reaches it too, and is the parent's to act on; a SIGTERM (the pool's
+    end) ends it. Our handlers there raised where nothing catches, or left it running."""
+    if getattr(signal.getsignal(signal.SIGINT), "stops_the_run", False):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_leave_stopping_to_the_parent)
 
 
 class StopTogether(L.Callback):
@@ -53,16 +68,15 @@ class StopTogether(L.Callback):
     wait for each other forever. With one process, Lightning's handler does it."""
 
     def __init__(self):
-        self._noted = False
+        self.pressed = self.noted = False
         self._step = -1
 
     def _take_over(self, trainer: L.Trainer) -> None:
         if trainer.world_size > 1:  # Lightning's handler, installed for this call, is put back at its end
-            self._noted = False
             signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame) -> None:
-        self._noted = True
+        self.noted = True
 
     def on_train_start(self, trainer, pl_module):
         self._take_over(trainer)
@@ -75,12 +89,15 @@ class StopTogether(L.Callback):
         """Whether a stop signal reached this process, or under DDP any process (a collective:
         every rank asks at the same point)."""
         if trainer.world_size == 1:
-            return trainer.received_sigterm
-        return trainer.strategy.reduce_boolean_decision(self._noted, all=False)
+            return trainer.received_sigterm or self.noted
+        return trainer.strategy.reduce_boolean_decision(self.noted, all=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.world_size == 1 or trainer.global_step == self._step:  # or mid gradient accumulation
+        if trainer.world_size == 1:  # Lightning stops on its flag; a stop noted before it ran (one a
+            if self.noted and not trainer.received_sigterm:  # library swallowed) has none: stop here
+                raise SIGTERMException
             return
-        self._step = trainer.global_step
-        if self.requested(trainer):
-            raise SIGTERMException
+        if trainer.global_step != self._step:  # once a step (not mid gradient accumulation), on every rank
+            self._step = trainer.global_step
+            if self.requested(trainer):
+                raise SIGTERMException
