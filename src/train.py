@@ -24,7 +24,7 @@ from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import StopTogether, stop_signals
-from bert_mlm.preflight import accept_record, drop_new_record, keep_failed_log, replacing, resumes
+from bert_mlm.preflight import accept_record, drop_new_record, keep_failed_log, release, replacing, resumes
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
@@ -178,6 +178,7 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         finally:  # refused or stopped before it was accepted: the folder's record as it was
             drop_new_record(HydraConfig.get(), Path(cfg.output_dir))
+            release()  # the run folder (preflight.hold): another run may start in it now
 
 
 if __name__ == "__main__":

@@ -98,6 +98,25 @@ def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
     assert not holds_run(run_dir) and any(cache.rglob("cache-*.arrow"))
 
 
+def test_a_folder_another_run_works_in_is_refused(tmp_path):
+    """A resubmitted job, or a second terminal, while the first run still goes: refused before
+    anything in the folder is touched (the other run holds an flock on it)."""
+    import fcntl
+    import os
+
+    run_dir, args = tmp_path / "run", [*SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+                                       "trainer.val_check_interval=2"]
+    run_dir.mkdir()
+    other = os.open(run_dir, os.O_RDONLY)  # as the running process holds it
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    line = last_error(run_train_here(run_dir, *args, "ckpt_path=null"))
+    assert line.startswith(f"error: another run is still working in {run_dir}"), line
+    assert list(run_dir.iterdir()) == []
+    os.close(other)  # that run ended
+    assert run_train_here(run_dir, *args).returncode == 0
+    assert run_train_here(run_dir, *args, "overwrite=true").returncode == 0  # this process let it go
+
+
 def test_a_run_or_sweep_folder_that_is_a_file_is_refused(tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("earlier work")

@@ -2,6 +2,7 @@
 record included): the settings are valid, and the folder does not already hold a run that
 this one would overwrite."""
 
+import fcntl
 import itertools
 import logging
 import os
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
-from bert_mlm.launch import check
+from bert_mlm.launch import check, launched_rank
 from bert_mlm.resume import resolve
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
@@ -25,6 +26,35 @@ REPLACED = ".replaced"  # where they wait while a run with overwrite=true is che
 RECORD, NEW_RECORD = ".hydra", ".hydra-new"  # Hydra's record of the run's settings, and a new run's
 RESTORE_WAIT_S = 30.0  # putting them back takes a few renames: a process still at it after this was killed
 log = logging.getLogger(__name__)
+
+
+_held: tuple[Path, int] | None = None  # the run folder this process holds, and its open descriptor
+
+
+def hold(folder: Path) -> None:
+    """Refuses a folder that another run (a resubmitted job, a second terminal) still works
+    in: two runs there would mix their checkpoints, logs and model. An exclusive flock on the
+    folder, held until `release` or the process ends (however it ends)."""
+    global _held
+    if _held and _held[0] == folder:
+        return
+    release()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another run is still working in {folder}: wait for it to end (or stop it), or run in "
+                        "another folder (hydra.run.dir=...)") from None
+    _held = folder, fd
+
+
+def release() -> None:
+    global _held
+    if _held:
+        os.close(_held[1])
+        _held = None
 
 
 def holds_run(folder: Path) -> bool:
@@ -168,6 +198,11 @@ class Preflight(Callback):
             if config.hydra.job.chdir:
                 raise UserError("hydra.job.chdir=true is not supported: paths are read from the folder the command "
                                 "runs in, and the run folder is hydra.run.dir")
+            # Held before anything in it is touched; by one process of a DDP run (the one Lightning's
+            # launcher or torchrun or srun started first), not by prepare_only, which writes nothing there.
+            holder = launched_rank() == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+            if holder and not config.prepare_only and folder.is_dir():
+                hold(folder)
             if not config.overwrite:  # an overwrite=true killed while it checked its data: the run is still there
                 put_back(folder)
             check_config(cfg)
@@ -183,7 +218,10 @@ class Preflight(Callback):
                 # goes beside the folder's, until the run is accepted (accept_record).
                 with read_write(config.hydra):
                     config.hydra.output_subdir = NEW_RECORD
+            if holder and not config.prepare_only:
+                hold(folder)  # made here, if it was not there
         except UserError as err:
+            release()
             if made:
                 with suppress(OSError):  # made empty here (and its day's, if no other run is in it)
                     folder.rmdir()
