@@ -47,6 +47,10 @@ def hold(folder: Path) -> None:
         os.close(fd)
         raise UserError(f"another run is still working in {folder}: wait for it to end (or stop it), or run in "
                         "another folder (hydra.run.dir=...)") from None
+    except OSError:  # a file system without flock on folders (NFS emulates it only for files open to write)
+        os.close(fd)
+        log.debug(f"{folder} cannot be locked here: a second run in it would not be refused")
+        return
     _held = folder, fd
 
 
