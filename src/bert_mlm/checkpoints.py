@@ -3,11 +3,13 @@ trigger (every N minutes or steps of training, each validation, SIGTERM or Ctrl-
 every checkpoint write is timed in the log."""
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -123,12 +125,25 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class TimedCheckpointIO(TorchCheckpointIO):
-    """Logs how long each checkpoint took to write and how big it is: on fast hardware a
-    multi-GB save every few minutes is a share of the run worth knowing."""
+    """Writes each checkpoint whole or not at all, and logs how long it took and how big it
+    is: on fast hardware a multi-GB save every few minutes is a share of the run worth knowing.
+
+    Whole or not at all: written beside its name, then renamed over it (atomic on one file
+    system). Lightning's own writes to a temporary file in $TMPDIR, then moves it: across
+    file systems that move is a copy onto last.ckpt, which an interruption leaves cut short,
+    and a write killed there leaves a file of the checkpoint's size in $TMPDIR."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         start = time.perf_counter()
-        super().save_checkpoint(checkpoint, path, storage_options)
-        size_mb = Path(path).stat().st_size / 2**20
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")  # one name: a killed write's is written over next time
+        try:
+            torch.save(checkpoint, partial)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        size_mb = path.stat().st_size / 2**20
         log.info(f"saved {path} (step {checkpoint['global_step']}, {size_mb:.0f} MB) in "
                  f"{time.perf_counter() - start:.1f} s")
