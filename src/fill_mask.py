@@ -33,11 +33,18 @@ def load(source: str, device: str):
         except Exception as err:  # not a checkpoint, or cut short: unusable alike
             raise UserError(f"{source} cannot be read as a checkpoint: give another .ckpt or the run folder") from err
         return pipeline("fill-mask", model=module.model.eval(), tokenizer=module.tokenizer, device=device)
-    if (path / "hf_model").is_dir():
-        path = path / "hf_model"
+    exported = path / "hf_model"
+    if (exported / "model.safetensors").is_file() and (exported / "tokenizer_config.json").is_file():
+        path = exported
     elif (path / "checkpoints" / "last.ckpt").is_file():  # a run still going, or stopped: its newest state
-        print(f"{source} has no hf_model/ yet: using its checkpoints/last.ckpt", file=sys.stderr)
+        print(f"{source} has no (whole) hf_model/ yet: using its checkpoints/last.ckpt", file=sys.stderr)
         return load(str(path / "checkpoints" / "last.ckpt"), device)
+    elif (path / ".hydra").is_dir() or (path / "train.log").is_file():
+        raise UserError(f"{source} is a run folder without a model yet: no hf_model/ and no checkpoints/last.ckpt "
+                        "(the run saved none; or an overwrite=true killed early left it in .replaced/, "
+                        "which its next run puts back)")
+    elif (path / "summary.csv").is_file():
+        raise UserError(f"{source} is a sweep folder: give one of its jobs' folders, e.g. {path / '0'}")
     try:
         return pipeline("fill-mask", model=pretrained.source(str(path)), device=device)
     except (OSError, ValueError) as err:  # no such model; a folder without one (no model_type)

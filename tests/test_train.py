@@ -129,12 +129,26 @@ def test_fill_mask_bad_input(smoke_run, tmp_path, capsys):
             command.main([str(source), text])
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert exit.value.code == 2 and line.startswith("error: ") and expected in line, line
-    # A run with no hf_model/ yet (still training, or stopped): its newest checkpoint.
+    # A run folder that saved nothing yet, and a sweep folder: said so.
+    (tmp_path / "new run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "summary.csv").write_text("job\n")
+    for source, expected in ((tmp_path / "new run", "a run folder without a model yet"),
+                             (tmp_path / "sweep", "a sweep folder: give one of its jobs' folders")):
+        with pytest.raises(SystemExit):
+            command.main([str(source), "a [MASK]"])
+        assert expected in capsys.readouterr().err
+    # A run with no hf_model/ yet (still training, or stopped), or one cut short by a stop during
+    # its export: its newest checkpoint.
     running = tmp_path / "running"
     (running / "checkpoints").mkdir(parents=True)
     (running / "checkpoints" / "last.ckpt").write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
-    command.main([str(running), "a [MASK]"])
-    assert "has no hf_model/ yet: using its checkpoints/last.ckpt" in capsys.readouterr().err
+    for export in ([], ["config.json"]):
+        for name in export:
+            (running / "hf_model").mkdir(exist_ok=True)
+            (running / "hf_model" / name).write_bytes((run_dir / "hf_model" / name).read_bytes())
+        command.main([str(running), "a [MASK]"])
+        assert "has no (whole) hf_model/ yet: using its checkpoints/last.ckpt" in capsys.readouterr().err
     # More guesses than the vocabulary has: all of them.
     command.main([str(run_dir), "a [MASK]", "--top-k", "100000"])
     vocab = json.loads((run_dir / "hf_model" / "config.json").read_text())["vocab_size"]
