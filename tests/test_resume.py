@@ -183,6 +183,25 @@ def test_ctrl_c_in_the_last_batch_of_the_validation_before_training_stops_the_ru
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
+def test_an_overwrite_stopped_before_it_replaced_the_run_says_the_run_is_there(tmp_path, monkeypatch):
+    import train
+
+    class PressInFirstValidation(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if trainer.state.fn == "validate" and trainer.global_step == 0 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    args = [*SMOKE, f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_train_here(tmp_path / "run", *args).returncode == 0
+    before = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    fit = train.train
+    monkeypatch.setattr(train, "train", lambda cfg, callbacks=(): fit(cfg, [*callbacks, PressInFirstValidation()]))
+    proc = run_train_here(tmp_path / "run", *args, "overwrite=true")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "before this run replaced the earlier one" in proc.stderr and "Resume with" not in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
 def test_sigterm_outside_a_trainer_stops_at_once_and_leaves_lightning_its_own():
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -52,8 +52,13 @@ def resume_overrides(task: list[str], output_dir: str) -> list[str]:
     return [*(o for o in task if not o.startswith(dropped)), "ckpt_path=last", f"hydra.run.dir={output_dir}"]
 
 
-def print_resume_command(output_dir: str, stopped_by: str) -> None:
-    """After a stop by a signal: the command that goes on from checkpoints/last.ckpt."""
+def print_resume_command(output_dir: str, stopped_by: str, replacing: bool = False) -> None:
+    """After a stop by a signal: the command that goes on from checkpoints/last.ckpt; or, for
+    an overwrite=true stopped before it replaced the earlier run (`replacing`), that run is there."""
+    if replacing:
+        print(f"stopped by {stopped_by} before this run replaced the earlier one: {output_dir} holds that run "
+              "as it was; the same command again (overwrite=true) replaces it", file=sys.stderr)
+        return
     last = last_checkpoint(output_dir)
     if not last.exists():
         print(f"stopped by {stopped_by}; no {last} was written (nothing trained yet, or callbacks.last "
