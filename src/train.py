@@ -29,6 +29,7 @@ from bert_mlm.preflight import (NEW_RECORD, accept_record, drop_new_record, keep
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
+from bert_mlm.sweep_stop import job_lock
 from bert_mlm.vocab import run_vocabulary
 
 silence_library_noise()
@@ -155,7 +156,7 @@ def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning:
+    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning, job_lock(stops):
         try:
             if cfg.prepare_only:
                 return prepare(cfg)

@@ -1,15 +1,18 @@
 """Hydra multirun: one run folder per job, jobs side by side, a summary at the end, Optuna, and
 DDP refused."""
 
+import contextlib
 import csv
 import json
 import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -20,7 +23,7 @@ from bert_mlm.errors import UserError
 from bert_mlm.parallel import SideBySide, claim_slot, cores_for, device_for
 from bert_mlm.sweep import table
 from bert_mlm.workers import available_cores
-from conftest import CONF, SMOKE, last_error, run, run_train_here
+from conftest import CONF, OFFLINE, SMOKE, last_error, run, run_train_here, saved_step, wait_for
 
 
 def sweep(tmp_path, *overrides):
@@ -102,6 +105,56 @@ class StopAtStep4(L.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == 4:
             signal.raise_signal(signal.SIGTERM)
+
+
+class SlowAfterStep2(L.Callback):
+    """Marks step 2 in the run folder (`step2`), and trains slowly enough to be stopped halfway."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            (Path(trainer.default_root_dir) / "step2").touch()
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm-to-the-sweep", "sigterm-to-one-job"])
+def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(tmp_path, stop):
+    """joblib's pool used to end its workers unsaved. Ctrl-C reaches every process; a SIGTERM
+    only the sweep's own, or one job's (which then stops the sweep, as one job at a time would)."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+               f"hydra.sweep.dir={sweep_dir}", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=40",
+               "model.lr=1e-3,2e-3,3e-3", "+callbacks.slow._target_=test_sweeps.SlowAfterStep2"]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    with (tmp_path / "out").open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+        try:
+            for job in ("0", "1"):
+                wait_for(sweep_dir / job / "step2", proc)
+            if stop == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            elif stop == "sigterm-to-the-sweep":
+                os.kill(proc.pid, signal.SIGTERM)
+            else:
+                pid = re.search(r"\(pid (\d+)\)", (sweep_dir / "1" / "train.log").read_text())[1]
+                os.kill(int(pid), signal.SIGTERM)
+            assert proc.wait(timeout=120) == (130 if stop == "ctrl-c" else 143)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "out").read_text()
+    assert "sweep stopped by " in out and "once its running jobs had saved" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for job in ("0", "1"):
+        assert 2 <= saved_step(sweep_dir / job / "checkpoints" / "last.ckpt") < 40
+        assert not (sweep_dir / job / "metrics.json").exists()
+    assert not (sweep_dir / "2").exists()  # not started: the workers took no new job
+    if stop != "ctrl-c":
+        return  # (finishing it: once is enough)
+    finished = run([*command, "ckpt_path=last"], cwd=tmp_path, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [(row["status"], row["steps"]) for row in rows] == [("done", "40")] * 3
 
 
 def test_a_stopped_optuna_trial_resumes_as_a_run_with_the_command_it_printed(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -238,14 +239,21 @@ def test_own_vocabulary(tmp_path, capsys):
     fill_mask.main([str(moved / "checkpoints" / "last.ckpt"), "The [MASK] statement."])
     assert "[MASK] 1: " in capsys.readouterr().out
 
-    # The same file with new text is another source: its vocabulary is not reused.
+    # The same file with new text is another source: its vocabulary is not reused. Files are
+    # compared as a resume compares them, by name and size: moved or touched, they are the same.
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    on_text = [*own, "data=text", f"data.train_files=[{text}]", "tokenizer.vocab_size=100", "prepare_only=true"]
-    assert run_train_here(tmp_path / "text-run", *on_text).returncode == 0
-    text.write_text("zebras and giraffes graze on the savanna\n" * 500)
-    line = last_error(run_train_here(tmp_path / "text-run", *on_text))
-    assert "holds a vocabulary trained with data.train_files=" in line and " bytes, modified " in line, line
+    on_text = [*own, "data=text", "tokenizer.vocab_size=100", "prepare_only=true"]
+    assert run_train_here(tmp_path / "text-run", *on_text, f"data.train_files=[{text}]").returncode == 0
+    trained = (tmp_path / "text-run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    (tmp_path / "elsewhere").mkdir()
+    moved = text.rename(tmp_path / "elsewhere" / "text.txt")
+    os.utime(moved)
+    assert run_train_here(tmp_path / "text-run", *on_text, f"data.train_files=[{moved}]").returncode == 0
+    assert (tmp_path / "text-run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == trained  # reused
+    moved.write_text("zebras and giraffes graze on the savanna\n" * 500)
+    line = last_error(run_train_here(tmp_path / "text-run", *on_text, f"data.train_files=[{moved}]"))
+    assert "holds a vocabulary trained with data.train_files_bytes=[17600]" in line, line
 
 
 def test_the_progress_bar_shows_the_values_of_its_logging_step(cfg_of):

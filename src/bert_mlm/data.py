@@ -4,7 +4,6 @@ import itertools
 import logging
 import random
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -190,14 +189,10 @@ class MLMDataModule(L.LightningDataModule):
 
     @property
     def text_source(self) -> dict:
-        """The settings that pick the training text (not how it is cut or masked), each file
-        with its size and modification time: the same path with new text is another source."""
-        source = {f"data.{k}": self.settings[k] for k in ("corpus", "text_column", "hub_dataset", "hub_config")}
-        stats = {str(f): Path(f).stat() for f in self.train_files or []}
-        source["data.train_files"] = [f"{f} ({s.st_size:,} bytes, modified "
-                                      f"{datetime.fromtimestamp(s.st_mtime).isoformat(timespec='seconds')})"
-                                      for f, s in stats.items()]
-        return source
+        """The settings that pick the training text (not how it is cut or masked): its files
+        by name and size, as a resume compares them (`changed_settings`)."""
+        keys = ("corpus", "train_files", "train_files_bytes", "text_column", "hub_dataset", "hub_config")
+        return {f"data.{k}": self.settings[k] for k in keys}
 
     def state_dict(self) -> dict:
         # In each checkpoint, beside the DataLoader's position, which is only valid for as many workers.

@@ -69,5 +69,9 @@ def print_resume_command(output_dir: str, stopped_by: str, replacing: bool = Fal
     print(f"stopped by {stopped_by}; {last} holds the newest state. Resume with:\n"
           f"  python -m train {command}", file=sys.stderr)
     if in_sweep():
-        print(f"or finish the whole sweep: its command again with ckpt_path=last hydra.sweep.dir={hydra.sweep.dir} "
-              "(finished jobs stand, the others resume or start)", file=sys.stderr)
+        print(f"or {finish_sweep_line(hydra.sweep.dir)}", file=sys.stderr)
+
+
+def finish_sweep_line(sweep_dir: str) -> str:
+    return (f"finish the whole sweep: its command again with ckpt_path=last hydra.sweep.dir={sweep_dir} "
+            "(finished jobs stand, the others resume or start)")

@@ -11,6 +11,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bert_mlm import sweep_stop
 from bert_mlm.errors import UserError, refuse
 from bert_mlm.workers import available_cores
 
@@ -74,6 +75,11 @@ class SideBySide(Callback):
         if n > 1 and _on_gpu(config) and n > gpus:
             refuse(UserError(f"hydra.launcher.n_jobs={n} runs {n} jobs at once, one GPU each, but {gpus} GPUs are "
                              f"visible: set hydra.launcher.n_jobs={gpus} or fewer"))
+        if n > 1:  # in worker processes (with one, joblib runs the jobs in this one)
+            sweep_stop.stop_jobs_together(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_stop.end()
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         n = jobs_at_once(config)

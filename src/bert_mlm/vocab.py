@@ -44,6 +44,8 @@ def run_vocabulary(folder: Path, texts: Callable[[], Iterable[str | list[str]]],
     record = folder / TRAINED_WITH
     if (folder / "tokenizer.json").exists():
         saved = json.loads(record.read_text()) if record.exists() else {}  # none from older runs
+        if "data.train_files_bytes" not in saved:  # older records: the files by path and modification time
+            saved.pop("data.train_files", None)
         changed = [f"{key}={value}" for key, value in saved.items() if settings.get(key) != value]
         if changed and not replace:
             raise UserError(f"{folder} holds a vocabulary trained with {', '.join(changed)}: use those settings, "

@@ -1,0 +1,106 @@
+"""A stop of a sweep whose jobs run side by side (hydra/launcher=parallel) lets every running
+job save first. joblib's worker pool (loky) ends all its workers, unsaved, when the sweep's
+own process is stopped, when a job's stop reaches it as an error, or when a worker dies (an
+idle one killed by Ctrl-C). So:
+- the workers ignore Ctrl-C and SIGTERM while they run no job (a job installs its own
+  handlers: interrupt.stop_signals);
+- each job holds a lock file, named by its process, until it has saved and ended;
+- on Ctrl-C or SIGTERM the sweep's process passes SIGTERM on to the workers that hold one,
+  waits for their locks, and only then ends, taking the pool down with it;
+- a job stopped on its own (its process signalled alone) first stops the sweep that way."""
+
+import fcntl
+import functools
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from joblib import register_parallel_backend
+from joblib._parallel_backends import LokyBackend
+
+from bert_mlm.exits import finish_sweep_line
+
+_sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
+_locks: Path | None = None  # in the sweep's process: that folder
+_stopping = False
+_handlers: tuple = ()  # the sweep process's own, put back at its end
+
+
+def _in_worker(sweep_pid: int, locks: str) -> None:
+    """loky's initializer, in each worker process as it starts."""
+    global _sweep
+    _sweep = sweep_pid, Path(locks)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_jobs_together(sweep_dir: str) -> None:
+    """In the sweep's process, before its workers start (a Hydra callback's on_multirun_start)."""
+    global _locks, _handlers, _stopping
+    _stopping = False
+    _locks = Path(tempfile.mkdtemp(prefix="bert-mlm-jobs-"))
+    # Hydra's joblib launcher asks for "loky" by name: the same backend, with our initializer.
+    register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_in_worker,
+                                                        initargs=(os.getpid(), str(_locks))))
+
+    def on_stop(signum, frame):
+        global _stopping
+        if _stopping:  # a job passing its stop back, or a second SIGTERM
+            return
+        _stopping = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the sweep at once, unsaved
+        running = []
+        for path in _locks.glob("*.lock"):
+            lock = path.open("a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock.close()  # no job runs there (ended, or its worker is gone)
+            except BlockingIOError:
+                running.append(lock)
+                with suppress(ProcessLookupError):
+                    os.kill(int(path.stem), signal.SIGTERM)
+        for lock in running:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # that job has saved and ended
+            lock.close()
+        by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"sweep stopped by {by}, once its running jobs had saved checkpoints/last.ckpt; "
+              f"{finish_sweep_line(sweep_dir)}", file=sys.stderr)
+        shutil.rmtree(_locks, ignore_errors=True)  # the handlers stay: a job's late word must not end this process
+        sys.exit(128 + signum)  # joblib ends its workers (all idle now) as this passes
+
+    _handlers = signal.signal(signal.SIGINT, on_stop), signal.signal(signal.SIGTERM, on_stop)
+
+
+def end() -> None:
+    """In the sweep's process, at its end: joblib, the signal handlers and no lock folder, as before."""
+    global _locks, _handlers
+    if _locks:
+        register_parallel_backend("loky", LokyBackend)
+        signal.signal(signal.SIGINT, _handlers[0])
+        signal.signal(signal.SIGTERM, _handlers[1])
+        shutil.rmtree(_locks, ignore_errors=True)
+        _locks, _handlers = None, ()
+
+
+@contextmanager
+def job_lock(stops) -> Iterator[None]:
+    """Around a job (main) in a worker of a sweep side by side: its lock, held until it ends.
+    `stops` (interrupt.stop_signals'): whether a stop signal reached the job."""
+    if _sweep is None:  # not in such a worker
+        yield
+        return
+    sweep_pid, locks = _sweep
+    lock = (locks / f"{os.getpid()}.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if stops.noted:  # this job was stopped: the sweep stops too, as one that runs a job at a time does
+            with suppress(ProcessLookupError):  # (while the lock is held: the sweep waits for this job too)
+                os.kill(sweep_pid, signal.SIGTERM)
+        lock.close()
