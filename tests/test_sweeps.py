@@ -107,6 +107,15 @@ class StopAtStep4(L.Callback):
             signal.raise_signal(signal.SIGTERM)
 
 
+def stop_group(pgid: int, signum: int) -> bool:
+    """Sends `signum` (0: none) to a process group: whether any of its processes is left."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class SlowAfterStep2(L.Callback):
     """Marks step 2 in the run folder (`step2`), and trains slowly enough to be stopped halfway."""
 
@@ -116,10 +125,11 @@ class SlowAfterStep2(L.Callback):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm-to-the-sweep", "sigterm-to-one-job"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm-to-the-sweep", "sigterm-to-one-job", "kill-9-to-the-sweep"])
 def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(tmp_path, stop):
     """joblib's pool used to end its workers unsaved. Ctrl-C reaches every process; a SIGTERM
-    only the sweep's own, or one job's (which then stops the sweep, as one job at a time would)."""
+    only the sweep's own, or one job's (which then stops the sweep, as one job at a time would).
+    Killed, the sweep's process says nothing, but its workers still save and end."""
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
                f"hydra.sweep.dir={sweep_dir}", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=40",
@@ -133,17 +143,21 @@ def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(t
                 wait_for(sweep_dir / job / "step2", proc)
             if stop == "ctrl-c":
                 os.killpg(proc.pid, signal.SIGINT)
-            elif stop == "sigterm-to-the-sweep":
-                os.kill(proc.pid, signal.SIGTERM)
+            elif stop.endswith("-to-the-sweep"):
+                os.kill(proc.pid, signal.SIGKILL if stop.startswith("kill-9") else signal.SIGTERM)
             else:
                 pid = re.search(r"\(pid (\d+)\)", (sweep_dir / "1" / "train.log").read_text())[1]
                 os.kill(int(pid), signal.SIGTERM)
-            assert proc.wait(timeout=120) == (130 if stop == "ctrl-c" else 143)
+            assert proc.wait(timeout=120) == {"ctrl-c": 130, "kill-9-to-the-sweep": -9}.get(stop, 143)
+            deadline = time.monotonic() + 120
+            while stop_group(proc.pid, 0):  # the workers end by themselves
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc.pid, signal.SIGKILL)
     out = (tmp_path / "out").read_text()
-    assert "sweep stopped by " in out and "once its running jobs had saved" in out, out[-3000:]
+    if stop != "kill-9-to-the-sweep":
+        assert "sweep stopped by " in out and "once its running jobs had saved" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     for job in ("0", "1"):
         assert 2 <= saved_step(sweep_dir / job / "checkpoints" / "last.ckpt") < 40

@@ -7,7 +7,9 @@ idle one killed by Ctrl-C). So:
 - each job holds a lock file, named by its process, until it has saved and ended;
 - on Ctrl-C or SIGTERM the sweep's process passes SIGTERM on to the workers that hold one,
   waits for their locks, and only then ends, taking the pool down with it;
-- a job stopped on its own (its process signalled alone) first stops the sweep that way."""
+- a job stopped on its own (its process signalled alone) first stops the sweep that way;
+- a worker whose sweep process was killed (kill -9, out of memory) stops its job the same
+  way and ends: loky's workers would otherwise train on, then wait forever."""
 
 import fcntl
 import functools
@@ -16,6 +18,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,6 +30,7 @@ from joblib._parallel_backends import LokyBackend
 from bert_mlm.exits import finish_sweep_line
 
 _sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
+_in_job = False  # in a worker: whether it runs a job now
 _locks: Path | None = None  # in the sweep's process: that folder
 _stopping = False
 _handlers: tuple = ()  # the sweep process's own, put back at its end
@@ -37,6 +42,16 @@ def _in_worker(sweep_pid: int, locks: str) -> None:
     _sweep = sweep_pid, Path(locks)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_end_with_the_sweep, args=(sweep_pid,), daemon=True).start()
+
+
+def _end_with_the_sweep(sweep_pid: int) -> None:
+    while os.getppid() == sweep_pid:  # a killed parent's children are adopted: init's, or a subreaper's
+        time.sleep(1)
+    if _in_job:
+        os.kill(os.getpid(), signal.SIGTERM)  # the job saves; job_lock then ends the process
+    else:
+        os._exit(0)
 
 
 def stop_jobs_together(sweep_dir: str) -> None:
@@ -94,12 +109,19 @@ def job_lock(stops) -> Iterator[None]:
     if _sweep is None:  # not in such a worker
         yield
         return
+    global _in_job
     sweep_pid, locks = _sweep
     lock = (locks / f"{os.getpid()}.lock").open("w")
     fcntl.flock(lock, fcntl.LOCK_EX)
+    _in_job = True
     try:
         yield
     finally:
+        _in_job = False
+        if os.getppid() != sweep_pid:  # the sweep's process was killed: this worker ends too
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
         if stops.noted:  # this job was stopped: the sweep stops too, as one that runs a job at a time does
             with suppress(ProcessLookupError):  # (while the lock is held: the sweep waits for this job too)
                 os.kill(sweep_pid, signal.SIGTERM)
