@@ -1,7 +1,6 @@
 """Hydra multirun: one run folder per job, jobs side by side, a summary at the end, Optuna, and
 DDP refused."""
 
-import contextlib
 import csv
 import json
 import os
