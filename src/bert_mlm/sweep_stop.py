@@ -26,6 +26,7 @@ from pathlib import Path
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import LokyBackend
+from tqdm import tqdm
 
 from bert_mlm.exits import finish_sweep_line
 
@@ -42,6 +43,9 @@ def _in_worker(sweep_pid: int, locks: str) -> None:
     _sweep = sweep_pid, Path(locks)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore: one whose worker joblib ends at a stop
+    # is never released, and Python's resource tracker warns about it as the sweep ends.
+    tqdm.set_lock(threading.RLock())
     threading.Thread(target=_end_with_the_sweep, args=(sweep_pid,), daemon=True).start()
 
 
