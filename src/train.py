@@ -24,7 +24,7 @@ from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import StopTogether, stop_signals
-from bert_mlm.preflight import (NEW_RECORD, accept_record, drop_new_record, keep_failed_log, release, replacing,
+from bert_mlm.preflight import (NEW_RECORD, RECORD, accept_record, drop_new_record, keep_failed_log, release, replacing,
                                 resumes)
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
@@ -149,7 +149,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
 def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
     if rank_zero_only.rank == 0:  # once for a DDP run
         # Not yet accepted (its record is still the new one): the earlier run was put back.
-        replacing = cfg.overwrite and (Path(cfg.output_dir) / NEW_RECORD).is_dir()
+        replacing = cfg.overwrite and all((Path(cfg.output_dir) / r).is_dir() for r in (RECORD, NEW_RECORD))
         print_resume_command(cfg.output_dir, "Ctrl-C" if ctrl_c else "SIGTERM", replacing)
     sys.exit(130 if ctrl_c else 143)  # 128 + the signal, as a shell reports it
 

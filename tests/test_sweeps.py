@@ -197,6 +197,14 @@ def test_a_stopped_sweep_is_finished_by_its_command_with_ckpt_path_last(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
         assert [(row["status"], row["steps"]) for row in rows] == [("done", "8"), ("done", "8")]
+    # Resumed with other data settings: each job is refused, and keeps the record of its run.
+    records = {p: p.read_bytes() for p in sweep_dir.glob("*/.hydra/*.yaml")}
+    proc = run_train_here(None, *command, "ckpt_path=last", "data.mlm_probability=0.2")
+    assert last_error(proc) == "error: 2 of 2 jobs failed: their error lines are above, their logs in their folders"
+    assert {p: p.read_bytes() for p in sweep_dir.glob("*/.hydra/*.yaml")} == records
+    assert not list(sweep_dir.glob("*/.hydra-new"))
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [row["status"] for row in rows] == ["failed", "failed"]
 
 
 def test_an_optuna_search_without_validation_is_refused_up_front(tmp_path):

@@ -139,9 +139,13 @@ def accept_record(folder: Path) -> None:
 
 
 def drop_new_record(hydra: DictConfig, folder: Path) -> None:
-    """A run refused or stopped before accept_record: the folder's record stays as it was."""
-    if hydra.output_subdir == NEW_RECORD:
-        _remove(folder / NEW_RECORD)
+    """A run refused or stopped before accept_record: the folder's record stays as it was. A
+    folder without one (a new job of a sweep that resumes) keeps this run's."""
+    if hydra.output_subdir == NEW_RECORD and (folder / NEW_RECORD).is_dir():
+        if (folder / RECORD).is_dir():
+            _remove(folder / NEW_RECORD)
+        else:
+            (folder / NEW_RECORD).rename(folder / RECORD)
 
 
 def keep_failed_log(folder: Path) -> None:
@@ -251,6 +255,12 @@ class Preflight(Callback):
                                 "(trainer.limit_val_batches=0)")
             for job in sorted(p for p in sweep.glob("*") if p.is_dir()):
                 claim(job, resumes(config.ckpt_path, job), config.overwrite, where="hydra.sweep.dir")
+            if (config.ckpt_path or config.overwrite) and config.hydra.output_subdir == RECORD:
+                # Jobs that may still be refused after Hydra writes their records, as a single run
+                # may (on_run_start): each job's config is composed again from these overrides.
+                with read_write(config.hydra):
+                    config.hydra.output_subdir = NEW_RECORD
+                    config.hydra.overrides.hydra.append(f"hydra.output_subdir={NEW_RECORD}")
         except UserError as err:
             if made:
                 with suppress(OSError):

@@ -5,7 +5,8 @@ table is printed."""
 import csv
 import json
 import math
-import time
+import os
+import tempfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -13,24 +14,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import refuse
 from bert_mlm.module import VAL_METRICS
+from bert_mlm.preflight import RECORD
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     """Writes summary.csv and returns its rows: the jobs started `since` (a time.time()),
-    not those an earlier sweep into the same folder (overwrite=true) left."""
+    not those an earlier sweep into the same folder left: a job of this sweep wrote its record,
+    or made its folder or a new record beside the earlier one there (preflight.py)."""
+    def new(path: Path) -> bool:
+        return path.stat().st_mtime >= since
+
     rows = []
-    started = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
-               and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= since - 1]  # file times can be coarse
+    started = [p for p in sweep_dir.iterdir() if (p / RECORD / "overrides.yaml").is_file()
+               and (new(p) or new(p / RECORD / "overrides.yaml"))]
     for job in sorted(started, key=lambda p: (len(p.name), p.name)):  # 2 before 10
         metrics_file = job / "metrics.json"
         # One from before this sweep is an earlier run's: this job (a refused resume) failed.
-        written = metrics_file.is_file() and metrics_file.stat().st_mtime >= since - 1
-        metrics = json.loads(metrics_file.read_text()) if written else {}
+        done = metrics_file.is_file() and new(metrics_file)
+        metrics = json.loads(metrics_file.read_text()) if done else {}
         after = metrics.get("after", {})
         rows.append(
             {
                 "job": job.name,
-                "overrides": " ".join(OmegaConf.load(job / ".hydra" / "overrides.yaml")),
+                "overrides": " ".join(OmegaConf.load(job / RECORD / "overrides.yaml")),
                 **{name: after.get(name, "") for name in VAL_METRICS},
                 "steps": metrics.get("steps", ""),
                 "tokens_per_sec": metrics.get("train/tokens_per_sec", ""),
@@ -64,7 +70,12 @@ class SweepSummary(Callback):
     """A Hydra callback (hydra.callbacks in conf/hydra/default.yaml)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.time()
+        # The time by the sweep folder's file system (a file made and deleted there), which
+        # stamps the jobs' files: its clock may not be this machine's (NFS).
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=sweep_dir) as stamp:
+            self.started = os.fstat(stamp.fileno()).st_mtime
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
