@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -147,6 +148,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
 
 
 def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending: the stop passed on again (a sweep's) is not raised here
     if rank_zero_only.rank == 0:  # once for a DDP run
         # Not yet accepted (its record is still the new one): the earlier run was put back.
         replacing = cfg.overwrite and all((Path(cfg.output_dir) / r).is_dir() for r in (RECORD, NEW_RECORD))
@@ -156,7 +158,7 @@ def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning, job_lock(stops):
+    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning, job_lock():
         try:
             if cfg.prepare_only:
                 return prepare(cfg)

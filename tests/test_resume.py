@@ -351,6 +351,18 @@ def test_saves_by_time_keeps_the_last_k_and_logs_each_write(tmp_path):
     assert (str(ckpts / "last.ckpt"), "1") in saves and (str(ckpts / best[0]), best[0][9:-5]) in saves
 
 
+def test_accumulated_steps_save_only_when_they_end(tmp_path):
+    """With 2 batches a step, the first batch ends no step: nothing is saved at step 0."""
+    run_dir = tmp_path / "run"
+    proc = run_train_here(run_dir, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
+                          "trainer.accumulate_grad_batches=2", "callbacks.last.every_n_steps=2",
+                          "callbacks.last.keep_periodic=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step2.ckpt", "step4.ckpt"]
+    assert [saved_step(ckpts / n) for n in ("step2.ckpt", "step4.ckpt")] == [2, 4]
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_saves_by_time_ask_rank_0_only_at_logging_steps_under_ddp(tmp_path, world_size):
     # Each broadcast makes the host wait for the device: under DDP rank 0's clock is asked

@@ -157,7 +157,7 @@ def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(t
     out = (tmp_path / "out").read_text()
     if stop != "kill-9-to-the-sweep":
         assert out.strip().splitlines()[-1].startswith("sweep stopped by "), out[-3000:]  # the last word
-        assert "once its running jobs had saved" in out and "leaked" not in out, out[-3000:]
+        assert "once its running jobs had stopped" in out and "leaked" not in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     for job in ("0", "1"):
         assert 2 <= saved_step(sweep_dir / job / "checkpoints" / "last.ckpt") < 40

@@ -46,6 +46,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule):
         self._saved_at = time.monotonic()  # the interval counts training time, from here
+        self._step = trainer.global_step  # (the first batches of an accumulated step end none)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -22,12 +22,10 @@ def stop_signals() -> Iterator["StopTogether"]:
 
     def on_sigterm(signum, frame):
         # While a Trainer runs, Lightning's handler is installed and calls this one after its
-        # own, which stops at the end of the batch: nothing more to do then. A stop under way
-        # (a sweep's process passing on a Ctrl-C) is not raised again in the middle of it.
-        if signal.getsignal(signal.SIGTERM) is on_sigterm and not stops.noted:
+        # own, which stops at the end of the batch: nothing more to do then.
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
             stops.noted = True
             raise SIGTERMException
-        stops.noted = True
 
     def on_ctrl_c(signum, frame):
         stops.pressed = stops.noted = True  # noted: a library that swallows the raise cannot lose the stop
@@ -81,6 +79,7 @@ class StopTogether(L.Callback):
         self.noted = True
 
     def on_train_start(self, trainer, pl_module):
+        self._step = trainer.global_step  # (the first batches of an accumulated step end none)
         self._take_over(trainer)
 
     def on_validation_start(self, trainer, pl_module):

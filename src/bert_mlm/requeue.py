@@ -72,6 +72,9 @@ class StopOnSlurmWarning(L.Callback):
     def on_signal(self, signum: int, frame) -> None:
         self.warned = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._step = trainer.global_step  # (the first batches of an accumulated step end none)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self._step:  # gradient accumulation: not at the end of a step
             return

@@ -6,10 +6,14 @@ idle one killed by Ctrl-C). So:
   handlers: interrupt.stop_signals);
 - each job holds a lock file, named by its process, until it has saved and ended;
 - on Ctrl-C or SIGTERM the sweep's process passes SIGTERM on to the workers that hold one,
-  waits for their locks, and only then ends, taking the pool down with it;
-- a job stopped on its own (its process signalled alone) first stops the sweep that way;
-- a worker whose sweep process was killed (kill -9, out of memory) stops its job the same
-  way and ends: loky's workers would otherwise train on, then wait forever."""
+  waits for their locks, and only then ends, taking the pool down with it; a job that a
+  worker takes up meanwhile (queued before the stop) ends before it starts;
+- a job that ends its process's work (stopped on its own, a SLURM requeue) first stops the
+  sweep that way;
+- a worker whose sweep process was killed (kill -9) stops its job the same way and ends:
+  loky's workers would otherwise train on unsupervised, then linger.
+A worker killed outright (kill -9, out of memory) still takes the others down unsaved: loky
+ends the whole pool when one of its workers dies."""
 
 import fcntl
 import functools
@@ -25,13 +29,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from joblib import register_parallel_backend
-from joblib._parallel_backends import LokyBackend
+from joblib._parallel_backends import LokyBackend  # (joblib 1.6) the only way in: see stop_jobs_together
 from tqdm import tqdm
 
 from bert_mlm.exits import finish_sweep_line
 
 _sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
 _in_job = False  # in a worker: whether it runs a job now
+STOPPING = "stopping"  # in the folder of job locks: the sweep is stopping, start no job
 _locks: Path | None = None  # in the sweep's process: that folder
 _stopping = False
 _handlers: tuple = ()  # the sweep process's own, put back at its end
@@ -52,8 +57,8 @@ def _in_worker(sweep_pid: int, locks: str) -> None:
 def _end_with_the_sweep(sweep_pid: int) -> None:
     while os.getppid() == sweep_pid:  # a killed parent's children are adopted: init's, or a subreaper's
         time.sleep(1)
-    if _in_job:
-        os.kill(os.getpid(), signal.SIGTERM)  # the job saves; job_lock then ends the process
+    if _in_job:  # the job saves; job_lock then ends the process
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
     else:
         os._exit(0)
 
@@ -63,7 +68,8 @@ def stop_jobs_together(sweep_dir: str) -> None:
     global _locks, _handlers, _stopping
     _stopping = False
     _locks = Path(tempfile.mkdtemp(prefix="bert-mlm-jobs-"))
-    # Hydra's joblib launcher asks for "loky" by name: the same backend, with our initializer.
+    # Hydra's joblib launcher asks for "loky" by name (which joblib.parallel_config cannot
+    # reach): the same backend under that name, with our initializer, in this process only.
     register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_in_worker,
                                                         initargs=(os.getpid(), str(_locks))))
 
@@ -73,6 +79,7 @@ def stop_jobs_together(sweep_dir: str) -> None:
             return
         _stopping = True
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the sweep at once, unsaved
+        (_locks / STOPPING).touch()
         running = []
         for path in _locks.glob("*.lock"):
             lock = path.open("a")
@@ -87,8 +94,8 @@ def stop_jobs_together(sweep_dir: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # that job has saved and ended
             lock.close()
         by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"sweep stopped by {by}, once its running jobs had saved checkpoints/last.ckpt; "
-              f"{finish_sweep_line(sweep_dir)}", file=sys.stderr)
+        print(f"sweep stopped by {by}, once its running jobs had stopped (saving last.ckpt if they had "
+              f"trained); {finish_sweep_line(sweep_dir)}", file=sys.stderr)
         shutil.rmtree(_locks, ignore_errors=True)  # the handlers stay: a job's late word must not end this process
         sys.exit(128 + signum)  # joblib ends its workers (all idle now) as this passes
 
@@ -107,26 +114,32 @@ def end() -> None:
 
 
 @contextmanager
-def job_lock(stops) -> Iterator[None]:
-    """Around a job (main) in a worker of a sweep side by side: its lock, held until it ends.
-    `stops` (interrupt.stop_signals'): whether a stop signal reached the job."""
+def job_lock() -> Iterator[None]:
+    """Around a job (main) in a worker of a sweep side by side: its lock, held until it ends."""
     if _sweep is None:  # not in such a worker
         yield
         return
     global _in_job
     sweep_pid, locks = _sweep
+    if (locks / STOPPING).exists():
+        sys.exit(128 + signal.SIGTERM)
     lock = (locks / f"{os.getpid()}.lock").open("w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     _in_job = True
     try:
         yield
+    except BaseException as end:
+        # A stop, a requeue (not an error, which Hydra reports as the job's): loky would end
+        # every worker as this reaches it. The sweep stops the others first, as a sweep of one
+        # job at a time stops, waiting for this one too (its lock is still held).
+        if not isinstance(end, Exception):
+            with suppress(ProcessLookupError):
+                os.kill(sweep_pid, signal.SIGTERM)
+        raise
     finally:
         _in_job = False
         if os.getppid() != sweep_pid:  # the sweep's process was killed: this worker ends too
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(128 + signal.SIGTERM)
-        if stops.noted:  # this job was stopped: the sweep stops too, as one that runs a job at a time does
-            with suppress(ProcessLookupError):  # (while the lock is held: the sweep waits for this job too)
-                os.kill(sweep_pid, signal.SIGTERM)
         lock.close()
