@@ -125,7 +125,7 @@ class MaskingCollator:
         masked = torch.where(to_random, random_tokens, masked)
         return masked, labels
 
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor | bool]:
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor | int]:
         input_ids, attention_mask = self.pad(examples)
         seeds = [e["mask_seed"] for e in examples] if "mask_seed" in examples[0] else None
         masked, labels = self.mask(input_ids, attention_mask, seeds)

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from bert_mlm.module import MLMModule
+from bert_mlm.module import VAL_METRICS, MLMModule
 from bert_mlm.throughput import Throughput
 
 
@@ -60,7 +60,7 @@ def print_summary(metrics: dict, output_dir: Path) -> None:
     print()
     if after:
         print(f"{'':9}{'before':>11}{'after':>11}")
-        for name in ("val/loss", "val/ppl", "val/acc"):
+        for name in VAL_METRICS:
             print(f"{name:9}{before[name]:11.4g}{after[name]:11.4g}")
     else:
         print("no validation (trainer.limit_val_batches=0)")
