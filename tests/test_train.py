@@ -200,6 +200,7 @@ def test_own_vocabulary(tmp_path, capsys):
     # A run in that folder reuses it only with the settings it was trained with.
     line = last_error(run_train_here(run_dir, *own, "tokenizer.vocab_size=2000"))
     assert line.startswith(f"error: {run_dir / 'tokenizer'} holds a vocabulary trained with tokenizer.vocab_size=1500")
+    assert not (run_dir / ".hydra").exists() and not (run_dir / ".hydra-new").exists()  # refused: no record
     line = last_error(run_train_here(run_dir, *own, "data=text", f"data.train_files=[{ROOT / 'README.md'}]"))
     assert "trained with data.corpus=pydocs, data.train_files=[]" in line, line
     proc = run_train(run_dir, *own)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
-from bert_mlm.launch import check, launched_rank
+from bert_mlm.launch import check, in_sweep, launched_rank
 from bert_mlm.resume import resolve
 
 # What a run writes into its folder; `overwrite=true` removes these (`replacing`).
@@ -140,9 +140,9 @@ def accept_record(folder: Path) -> None:
 
 def drop_new_record(hydra: DictConfig, folder: Path) -> None:
     """A run refused or stopped before accept_record: the folder's record stays as it was. A
-    folder without one (a new job of a sweep that resumes) keeps this run's."""
+    sweep's job in a folder without one keeps its own: the summary lists the job by it."""
     if hydra.output_subdir == NEW_RECORD and (folder / NEW_RECORD).is_dir():
-        if (folder / RECORD).is_dir():
+        if (folder / RECORD).is_dir() or not in_sweep():
             _remove(folder / NEW_RECORD)
         else:
             (folder / NEW_RECORD).rename(folder / RECORD)
@@ -221,9 +221,9 @@ class Preflight(Callback):
             if not config.prepare_only:
                 # A checkpoint that is not there is refused here.
                 claim(folder, resumes(resolve(config.ckpt_path, folder), folder), config.overwrite)
-            if config.hydra.output_subdir == RECORD and (folder / RECORD).is_dir():
-                # A resume or an overwrite may still be refused after Hydra writes its record: it
-                # goes beside the folder's, until the run is accepted (accept_record).
+            if config.hydra.output_subdir == RECORD and not made and folder.is_dir() and any(folder.iterdir()):
+                # A run may still be refused after Hydra writes its record: in a folder that holds
+                # something (a run, a vocabulary), it goes beside, until the run is accepted (accept_record).
                 with read_write(config.hydra):
                     config.hydra.output_subdir = NEW_RECORD
             if holder and not config.prepare_only:

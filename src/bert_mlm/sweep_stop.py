@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -67,7 +66,9 @@ def stop_jobs_together(sweep_dir: str) -> None:
     """In the sweep's process, before its workers start (a Hydra callback's on_multirun_start)."""
     global _locks, _handlers, _stopping
     _stopping = False
-    _locks = Path(tempfile.mkdtemp(prefix="bert-mlm-jobs-"))
+    _locks = Path(sweep_dir) / ".jobs"  # beside .gpus/; left by a sweep killed outright, cleared here
+    shutil.rmtree(_locks, ignore_errors=True)
+    _locks.mkdir(parents=True)
     # Hydra's joblib launcher asks for "loky" by name (which joblib.parallel_config cannot
     # reach): the same backend under that name, with our initializer, in this process only.
     register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_in_worker,
