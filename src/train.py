@@ -158,11 +158,11 @@ def _stopped(cfg: DictConfig, ctrl_c: bool) -> NoReturn:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    with stop_signals() as stops, stop_on_slurm_warning() as slurm_warning, job_lock():
+    with stop_signals() as stops, stop_on_slurm_warning(stops), job_lock():
         try:
             if cfg.prepare_only:
                 return prepare(cfg)
-            metrics = train(cfg, [stops, *([slurm_warning] if slurm_warning else [])])
+            metrics = train(cfg, [stops])
             return metrics["after"].get("val/loss")  # what a sweeper minimises
         except Requeue as requeue:  # last.ckpt is saved: now the job can end
             print_resume_command(cfg.output_dir, f"SLURM's warning ({SIGNAL.name})")

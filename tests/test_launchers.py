@@ -16,11 +16,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bert_mlm.errors import UserError
+from bert_mlm.interrupt import StopTogether
 from bert_mlm.launch import check
 from bert_mlm.preflight import Preflight
+from bert_mlm.requeue import Requeue, SlurmWarning
 from conftest import (CONF, SMOKE, assert_same, final_state, last_error, run_train, run_train_here, saved_step,
                       steps_shown, wait_for)
 
@@ -219,6 +223,35 @@ def test_srun_warned_before_the_time_limit_requeues_and_resumes_exactly(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["bin", "run"]  # one run folder
     assert_same(final_state(run_dir), final_state(lightning_run.run_dir))
     assert calls.read_text() == "requeue 4242\n"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stop_signals_and_slurms_warning_are_asked_in_one_collective_a_step(world_size):
+    # Each collective makes the host wait for the device: one a step for both, none mid-step.
+    reduced = []
+
+    def reduce(flags, reduce_op):
+        reduced.append(flags.tolist())
+        return flags * world_size  # as if every rank had noted the same
+
+    trainer = SimpleNamespace(world_size=world_size, global_step=0, received_sigterm=False, is_global_zero=True,
+                              strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")))
+    stops = StopTogether()
+    stops.warning = SlurmWarning("4242")
+    stops.on_train_start(trainer, None)
+    for batch, step in enumerate([0, 1, 1, 2]):  # accumulating: the first batch ends no step, then two a step
+        trainer.global_step = step
+        stops.on_train_batch_end(trainer, None, None, None, batch)
+    assert reduced == ([] if world_size == 1 else [[0, 0], [0, 0]])
+    stops.noted = stops.warning.warned = True
+    trainer.global_step = 3
+    with pytest.raises(Requeue) as raised:  # the warning first: the requeued job goes on
+        stops.on_train_batch_end(trainer, None, None, None, 4)
+    assert raised.value.job_id == "4242" and reduced[2:] == ([] if world_size == 1 else [[1, 1]])
+    stops.warning.warned = False
+    trainer.global_step = 4
+    with pytest.raises(SIGTERMException):
+        stops.on_train_batch_end(trainer, None, None, None, 5)
 
 
 def test_a_used_folder_is_refused_on_every_machine_and_cleared_by_none_before_the_run_is_built(tmp_path, monkeypatch):

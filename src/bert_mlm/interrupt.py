@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from bert_mlm.requeue import Requeue, SlurmWarning
 
 
 @contextmanager
@@ -65,10 +68,14 @@ class StopTogether(L.Callback):
     Lightning's own handler broadcasts from inside the signal handler and stops each rank at
     the end of its own batch: ranks signalled more than once (a terminal's Ctrl-C or scancel
     reaches every process, and Lightning's launcher passes a signal on) or at other points
-    wait for each other forever. With one process, Lightning's handler does it."""
+    wait for each other forever. With one process, Lightning's handler does it.
+
+    Under srun, SLURM's warning before the time limit (`warning`, requeue.py) is agreed on in
+    the same collective, and stops every rank as a Requeue."""
 
     def __init__(self):
         self.pressed = self.noted = False
+        self.warning: SlurmWarning | None = None
         self._step = -1
 
     def _take_over(self, trainer: L.Trainer) -> None:
@@ -86,19 +93,29 @@ class StopTogether(L.Callback):
         if trainer.state.fn == "validate":  # trainer.validate (in fit: taken over already)
             self._take_over(trainer)
 
-    def requested(self, trainer: L.Trainer) -> bool:
-        """Whether a stop signal reached this process, or under DDP any process (a collective:
-        every rank asks at the same point)."""
+    def _agreed(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """Whether a stop signal, and whether SLURM's warning, reached this process, or under
+        DDP any process: one collective for both (every rank asks at the same point), as it
+        makes the host wait for the device."""
+        warned = self.warning is not None and self.warning.warned
         if trainer.world_size == 1:
-            return trainer.received_sigterm or self.noted
-        return trainer.strategy.reduce_boolean_decision(self.noted, all=False)
+            return trainer.received_sigterm or self.noted, warned
+        flags = torch.tensor([self.noted, warned], dtype=torch.int32, device=trainer.strategy.root_device)
+        stops, warnings = trainer.strategy.reduce(flags, reduce_op="sum").tolist()  # counts of ranks
+        return stops > 0, warnings > 0
+
+    def requested(self, trainer: L.Trainer) -> bool:
+        """Whether a stop signal reached this process, or under DDP any process (a collective)."""
+        return self._agreed(trainer)[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.world_size == 1:  # Lightning stops on its flag; a stop noted before it ran (one a
-            if self.noted and not trainer.received_sigterm:  # library swallowed) has none: stop here
-                raise SIGTERMException
-            return
         if trainer.global_step != self._step:  # once a step (not mid gradient accumulation), on every rank
             self._step = trainer.global_step
-            if self.requested(trainer):
-                raise SIGTERMException
+            if trainer.world_size > 1 or self.warning is not None:  # else Lightning's handler stops it
+                stop, warned = self._agreed(trainer)
+                if warned:  # before a stop: the requeued job goes on where this one stopped
+                    raise Requeue(self.warning.job_id, trainer.is_global_zero)
+                if stop:
+                    raise SIGTERMException
+        if trainer.world_size == 1 and self.noted and not trainer.received_sigterm:
+            raise SIGTERMException  # Lightning stops on its flag; a stop noted before it ran (one a library swallowed) has none

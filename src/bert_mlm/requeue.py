@@ -14,12 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bert_mlm.checkpoints import last_checkpoint
 from bert_mlm.launch import started_by_srun
+
+if TYPE_CHECKING:
+    from bert_mlm.interrupt import StopTogether
 
 SIGNAL = signal.SIGUSR1
 
@@ -59,44 +62,33 @@ class Requeue(SIGTERMException):
               f"scontrol requeue {self.job_id} failed: resume by hand as above", file=sys.stderr)
 
 
-class StopOnSlurmWarning(L.Callback):
-    """Notes SLURM's signal, and stops training at the end of the first optimizer step by
-    which any rank has noted it, on every rank. Acting inside the handler would save half a
-    step, and ranks that get the signal in different steps would each stop at another."""
+class SlurmWarning:
+    """Notes SLURM's signal. interrupt.StopTogether stops training at the end of the first
+    optimizer step by which any rank has noted it, on every rank: acting inside the handler
+    would save half a step, and ranks that get the signal in different steps would each stop
+    at another. Asked every step, though under DDP that is a collective that waits for the
+    device: the warning comes a set time ahead (--signal=SIGUSR1@120), which log_every_n_steps
+    of slow steps could outlast. The same collective asks for the other stop signals."""
 
     def __init__(self, job_id: str):
         self.job_id = job_id
         self.warned = False
-        self._step = -1
 
     def on_signal(self, signum: int, frame) -> None:
         self.warned = True
 
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._step = trainer.global_step  # (the first batches of an accumulated step end none)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self._step:  # gradient accumulation: not at the end of a step
-            return
-        self._step = trainer.global_step
-        # Every step, though under DDP it is a collective that waits for the device: the
-        # warning comes a set time ahead (--signal=SIGUSR1@120), which log_every_n_steps of
-        # slow steps could outlast. Only srun runs have this callback.
-        if trainer.strategy.reduce_boolean_decision(self.warned, all=False):  # any rank
-            raise Requeue(self.job_id, trainer.is_global_zero)
-
 
 @contextmanager
-def stop_on_slurm_warning() -> Iterator[StopOnSlurmWarning | None]:
-    """Under srun, yields the callback that handles SIGUSR1 for the whole run (also outside
-    training, where SIGUSR1 would otherwise end the process); elsewhere None."""
+def stop_on_slurm_warning(stops: "StopTogether") -> Iterator[None]:
+    """Under srun, gives `stops` SLURM's warning, handling SIGUSR1 for the whole run (also
+    outside training, where SIGUSR1 would otherwise end the process); elsewhere nothing."""
     job_id = slurm_job_id()
     if job_id is None:
-        yield None
+        yield
         return
-    callback = StopOnSlurmWarning(job_id)
-    previous = signal.signal(SIGNAL, callback.on_signal)
+    stops.warning = SlurmWarning(job_id)
+    previous = signal.signal(SIGNAL, stops.warning.on_signal)
     try:
-        yield callback
+        yield
     finally:
         signal.signal(SIGNAL, previous)
