@@ -54,10 +54,10 @@ def test_a_second_run_in_a_folder_is_refused_unless_asked(tmp_path):
     blank.write_text(" \n" * 10)
     proc = run_train_here(run_dir, *args, "overwrite=true", "data=text", f"data.train_files=[{blank}]")
     assert "holds no text" in last_error(proc) and outputs(snapshot(run_dir)) == outputs(before)
-    # Preparing data for it (prepare_only) writes nothing there but its log: not refused, nothing cleared.
-    recorded = all_but_the_log(snapshot(run_dir))
+    # Preparing data for it (prepare_only) writes nothing there: not refused, nothing cleared.
+    recorded = snapshot(run_dir)
     assert run_train_here(run_dir, *args, "prepare_only=true", "data.max_length=32").returncode == 0
-    assert all_but_the_log(snapshot(run_dir)) == recorded  # the .hydra/ record included
+    assert snapshot(run_dir) == recorded  # the .hydra/ record and train.log included
 
     # An overwrite killed while it checked its data left the run in .replaced/: the next run puts it back.
     (run_dir / ".replaced").mkdir()
@@ -96,6 +96,7 @@ def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepared" in proc.stdout and "training and" in proc.stdout
     assert not holds_run(run_dir) and any(cache.rglob("cache-*.arrow"))
+    assert list(run_dir.iterdir()) == []  # not even an empty train.log
 
 
 def test_a_folder_another_run_works_in_is_refused(tmp_path):
