@@ -124,15 +124,25 @@ class SlowAfterStep2(L.Callback):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm-to-the-sweep", "sigterm-to-one-job", "kill-9-to-the-sweep"])
+class SlowSaveAfterStep2(SlowAfterStep2):
+    def on_save_checkpoint(self, trainer, *args):
+        if trainer.received_sigterm:  # the stop's save: time for a second Ctrl-C
+            (Path(trainer.default_root_dir) / "saving").touch()
+            time.sleep(30)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c-twice", "sigterm-to-the-sweep", "sigterm-to-one-job",
+                                  "kill-9-to-the-sweep"])
 def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(tmp_path, stop):
     """joblib's pool used to end its workers unsaved. Ctrl-C reaches every process; a SIGTERM
     only the sweep's own, or one job's (which then stops the sweep, as one job at a time would).
-    Killed, the sweep's process says nothing, but its workers still save and end."""
+    Killed, the sweep's process says nothing, but its workers still save and end. A second
+    Ctrl-C ends it all at once, and says how to finish the sweep."""
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
                f"hydra.sweep.dir={sweep_dir}", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=40",
-               "model.lr=1e-3,2e-3,3e-3", "+callbacks.slow._target_=test_sweeps.SlowAfterStep2"]
+               "model.lr=1e-3,2e-3,3e-3",
+               f"+callbacks.slow._target_=test_sweeps.{'SlowSave' if stop == 'ctrl-c-twice' else 'Slow'}AfterStep2"]
     env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     with (tmp_path / "out").open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
@@ -140,14 +150,18 @@ def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(t
         try:
             for job in ("0", "1"):
                 wait_for(sweep_dir / job / "step2", proc)
-            if stop == "ctrl-c":
+            if stop.startswith("ctrl-c"):
                 os.killpg(proc.pid, signal.SIGINT)
+                if stop == "ctrl-c-twice":
+                    for job in ("0", "1"):
+                        wait_for(sweep_dir / job / "saving", proc)
+                    os.killpg(proc.pid, signal.SIGINT)
             elif stop.endswith("-to-the-sweep"):
                 os.kill(proc.pid, signal.SIGKILL if stop.startswith("kill-9") else signal.SIGTERM)
             else:
                 pid = re.search(r"\(pid (\d+)\)", (sweep_dir / "1" / "train.log").read_text())[1]
                 os.kill(int(pid), signal.SIGTERM)
-            assert proc.wait(timeout=120) == {"ctrl-c": 130, "kill-9-to-the-sweep": -9}.get(stop, 143)
+            assert proc.wait(timeout=120) == {"kill-9-to-the-sweep": -9}.get(stop, 130 if "ctrl-c" in stop else 143)
             deadline = time.monotonic() + 120
             while stop_group(proc.pid, 0):  # the workers end by themselves
                 assert time.monotonic() < deadline
@@ -155,6 +169,11 @@ def test_jobs_side_by_side_save_when_the_sweep_is_stopped_and_it_finishes_them(t
         finally:
             stop_group(proc.pid, signal.SIGKILL)
     out = (tmp_path / "out").read_text()
+    if stop == "ctrl-c-twice":
+        assert out.strip().splitlines()[-1].startswith("sweep ended at once by a second Ctrl-C, not waiting"), out[-3000:]
+        assert f"ckpt_path=last hydra.sweep.dir={sweep_dir}" in out.strip().splitlines()[-1]
+        assert "Traceback" not in out and "leaked" not in out and not (sweep_dir / "2").exists(), out[-3000:]
+        return  # unsaved
     if stop != "kill-9-to-the-sweep":
         assert out.strip().splitlines()[-1].startswith("sweep stopped by "), out[-3000:]  # the last word
         assert "once its running jobs had stopped" in out and "leaked" not in out, out[-3000:]

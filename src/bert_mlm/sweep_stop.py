@@ -79,7 +79,7 @@ def stop_jobs_together(sweep_dir: str) -> None:
         if _stopping:  # a job passing its stop back, or a second SIGTERM
             return
         _stopping = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the sweep at once, unsaved
+        signal.signal(signal.SIGINT, at_once)
         (_locks / STOPPING).touch()
         running = []
         for path in _locks.glob("*.lock"):
@@ -99,6 +99,11 @@ def stop_jobs_together(sweep_dir: str) -> None:
               f"trained); {finish_sweep_line(sweep_dir)}", file=sys.stderr)
         shutil.rmtree(_locks, ignore_errors=True)  # the handlers stay: a job's late word must not end this process
         sys.exit(128 + signum)  # joblib ends its workers (all idle now) as this passes
+
+    def at_once(signum, frame):  # a second Ctrl-C: the jobs it reached end unsaved (their own second)
+        print(f"\nsweep ended at once by a second Ctrl-C, not waiting for its running jobs to save; "
+              f"{finish_sweep_line(sweep_dir)}", file=sys.stderr)
+        sys.exit(128 + signum)  # joblib kills its workers as this passes
 
     _handlers = signal.signal(signal.SIGINT, on_stop), signal.signal(signal.SIGTERM, on_stop)
 
