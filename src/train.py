@@ -25,11 +25,11 @@ from bert_mlm.checks import building, check_config
 from bert_mlm.errors import find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import StopTogether, stop_signals
-from bert_mlm.preflight import (NEW_RECORD, RECORD, accept_record, drop_new_record, keep_failed_log, release, replacing,
-                                resumes)
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
+from bert_mlm.run_folder import (NEW_RECORD, RECORD, accept_record, drop_new_record, keep_failed_log, release,
+                                 replacing, resumes)
 from bert_mlm.sweep_stop import job_lock
 from bert_mlm.vocab import run_vocabulary
 
@@ -129,7 +129,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             done.touch()  # a sweep run again to finish it: this job's result stands (and is this sweep's)
             return json.loads(done.read_text())
     new_run = trainer.is_global_zero and not (ckpt_path and resumes(ckpt_path, output_dir))
-    if new_run and not cfg.overwrite:  # the folder holds no run (preflight.claim), but may hold a failed one's log
+    if new_run and not cfg.overwrite:  # the folder holds no run (preflight), but may hold a failed one's log
         keep_failed_log(output_dir)
     replace = cfg.overwrite and new_run
     keep = ("tokenizer",) if cfg.tokenizer.train else ()  # this run's own
@@ -184,7 +184,7 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         finally:  # refused or stopped before it was accepted: the folder's record as it was
             drop_new_record(HydraConfig.get(), Path(cfg.output_dir))
-            release()  # the run folder (preflight.hold): another run may start in it now
+            release()  # the run folder (run_folder.hold): another run may start in it now
 
 
 if __name__ == "__main__":

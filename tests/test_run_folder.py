@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, read_write
 
-from bert_mlm.preflight import Preflight, holds_run
+from bert_mlm.preflight import Preflight
+from bert_mlm.run_folder import holds_run
 from conftest import CONF, SMOKE, last_error, run_train_here
 
 
@@ -173,9 +174,9 @@ def test_a_new_run_keeps_the_log_of_a_run_that_failed_there_apart(tmp_path):
 
 
 def test_outputs_a_killed_process_was_putting_back_are_put_back_by_the_next(tmp_path, monkeypatch):
-    from bert_mlm import preflight
+    from bert_mlm import run_folder
 
-    monkeypatch.setattr(preflight, "RESTORE_WAIT_S", 0.3)  # not 30 s: nothing else is at work here
+    monkeypatch.setattr(run_folder, "RESTORE_WAIT_S", 0.3)  # not 30 s: nothing else is at work here
     run = tmp_path / "run"
     left = run / ".replaced-999999999"  # a process killed half-way through putting them back
     (left / "checkpoints").mkdir(parents=True)
@@ -183,9 +184,9 @@ def test_outputs_a_killed_process_was_putting_back_are_put_back_by_the_next(tmp_
     (run / "metrics.json").write_text("{}")  # put back before it was killed
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "best-step2.ckpt").write_bytes(b"the refused run's")
-    preflight.put_back(run)
+    run_folder.put_back(run)
     assert snapshot(run) == {"metrics.json": b"{}", "checkpoints/last.ckpt": b"the earlier run's state"}
-    preflight.put_back(run)  # and then nothing more to do, at once
+    run_folder.put_back(run)  # and then nothing more to do, at once
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.json"]
 
 

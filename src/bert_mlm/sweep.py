@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import refuse
 from bert_mlm.module import VAL_METRICS
-from bert_mlm.preflight import RECORD
+from bert_mlm.run_folder import RECORD
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
