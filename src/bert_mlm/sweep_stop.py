@@ -11,9 +11,9 @@ idle one killed by Ctrl-C). So:
 - a job that ends its process's work (stopped on its own, a SLURM requeue) first stops the
   sweep that way;
 - a worker whose sweep process was killed (kill -9) stops its job the same way and ends:
-  loky's workers would otherwise train on unsupervised, then linger.
-A worker killed outright (kill -9, out of memory) still takes the others down unsaved: loky
-ends the whole pool when one of its workers dies."""
+  loky's workers would otherwise train on unsupervised, then linger;
+- a worker killed outright (kill -9, out of memory: its job is lost since its last save)
+  stops the sweep that way too, before loky kills the other workers (_stop_first)."""
 
 import fcntl
 import functools
@@ -29,16 +29,19 @@ from pathlib import Path
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import LokyBackend  # (joblib 1.6) the only way in: see stop_jobs_together
+from joblib.externals.loky.process_executor import _ExecutorManagerThread  # and to a dead worker's: _stop_first
 from tqdm import tqdm
 
 from bert_mlm.exits import finish_sweep_line
 
+_terminate_broken = _ExecutorManagerThread.terminate_broken  # loky's own
 _sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
 _in_job = False  # in a worker: whether it runs a job now
 STOPPING = "stopping"  # in the folder of job locks: the sweep is stopping, start no job
 _locks: Path | None = None  # in the sweep's process: that folder
 _stopping = False
 _handlers: tuple = ()  # the sweep process's own, put back at its end
+_worker_died: str | None = None  # in the sweep's process: why it stops, if a worker died
 
 
 def _in_worker(sweep_pid: int, locks: str) -> None:
@@ -64,8 +67,8 @@ def _end_with_the_sweep(sweep_pid: int) -> None:
 
 def stop_jobs_together(sweep_dir: str) -> None:
     """In the sweep's process, before its workers start (a Hydra callback's on_multirun_start)."""
-    global _locks, _handlers, _stopping
-    _stopping = False
+    global _locks, _handlers, _stopping, _worker_died
+    _stopping, _worker_died = False, None
     _locks = Path(sweep_dir) / ".jobs"  # beside .gpus/; left by a sweep killed outright, cleared here
     shutil.rmtree(_locks, ignore_errors=True)
     _locks.mkdir(parents=True)
@@ -94,10 +97,14 @@ def stop_jobs_together(sweep_dir: str) -> None:
         for lock in running:
             fcntl.flock(lock, fcntl.LOCK_EX)  # that job has saved and ended
             lock.close()
+        shutil.rmtree(_locks, ignore_errors=True)  # the handlers stay: a job's late word must not end this process
+        if _worker_died:
+            print(f"error: {_worker_died}: the other running jobs stopped and saved last.ckpt; "
+                  f"{finish_sweep_line(sweep_dir)}", file=sys.stderr)
+            sys.exit(1)
         by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"sweep stopped by {by}, once its running jobs had stopped (saving last.ckpt if they had "
               f"trained); {finish_sweep_line(sweep_dir)}", file=sys.stderr)
-        shutil.rmtree(_locks, ignore_errors=True)  # the handlers stay: a job's late word must not end this process
         sys.exit(128 + signum)  # joblib ends its workers (all idle now) as this passes
 
     def at_once(signum, frame):  # a second Ctrl-C: the jobs it reached end unsaved (their own second)
@@ -106,6 +113,21 @@ def stop_jobs_together(sweep_dir: str) -> None:
         sys.exit(128 + signum)  # joblib kills its workers as this passes
 
     _handlers = signal.signal(signal.SIGINT, on_stop), signal.signal(signal.SIGTERM, on_stop)
+    _ExecutorManagerThread.terminate_broken = _stop_first
+
+
+def _stop_first(manager: _ExecutorManagerThread, error: BaseException) -> None:
+    """loky's reply to a worker that died (in its own thread): the other workers killed at once.
+    Instead the sweep stops first, as on SIGTERM (on_stop, in the main thread), and this waits
+    until the running jobs have saved and ended."""
+    global _worker_died
+    if not _stopping and _locks:
+        _worker_died = "a worker process of the sweep died (killed outright: out of memory?), ending its job unsaved"
+        os.kill(os.getpid(), signal.SIGTERM)
+        for path in _locks.glob("*.lock"):
+            with suppress(OSError), path.open("a") as lock:  # (OSError: the sweep's end took the folder)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+    _terminate_broken(manager, error)
 
 
 def end() -> None:
@@ -113,6 +135,7 @@ def end() -> None:
     global _locks, _handlers
     if _locks:
         register_parallel_backend("loky", LokyBackend)
+        _ExecutorManagerThread.terminate_broken = _terminate_broken
         signal.signal(signal.SIGINT, _handlers[0])
         signal.signal(signal.SIGTERM, _handlers[1])
         shutil.rmtree(_locks, ignore_errors=True)
