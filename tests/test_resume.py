@@ -329,12 +329,29 @@ def test_nonfinite_loss_stops_without_breaking_what_was_saved(tmp_path):
                      f"data.cache_dir={tmp_path / 'cache'}")
     line = last_error(proc)
     assert line.startswith("error: the training loss or its gradients were NaN or infinite at step"), proc.stderr[-2000:]
+    assert "start again with a lower model.lr" in line  # after an update: not at the first step
     assert proc.returncode == 2
     assert not (run_dir / "hf_model").exists() and not (run_dir / "metrics.json").exists()
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         state = torch.load(last, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nonfinite_gradients_at_the_first_step_are_not_put_down_to_the_learning_rate(tmp_path):
+    # At dropout 0.99 LayerNorm's backward over nearly all-zero rows gives gradients of ~1e28,
+    # whose norm overflows. Shown with the progress bar on: the error line is a line of its own.
+    command = [sys.executable, "-m", "train", f"hydra.run.dir={tmp_path / 'run'}", *SMOKE, "model.dropout=0.99",
+               f"data.cache_dir={tmp_path / 'cache'}"]
+    # The bar (stdout) and the error (stderr) as a terminal shows them, and as bytes: text mode
+    # would turn the bar's \r into line ends.
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=300,
+                          env={**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"})
+    out = proc.stdout.decode()
+    line = out.rstrip("\n").split("\n")[-1]
+    assert proc.returncode == 2 and line.startswith("error: the training loss or its gradients were NaN or "
+                                                    "infinite at step 0"), out[-2000:]
+    assert "at this run's first step" in line and "model.dropout (here 0.99" in line and "model.lr" not in line
 
 
 def test_saves_by_time_keeps_the_last_k_and_logs_each_write(tmp_path):

@@ -164,12 +164,16 @@ class MLMModule(L.LightningModule):
 
     def _stop_if_nonfinite(self):
         step = int(self.nonfinite_step)
-        if step >= 0:
-            raise UserError(
-                f"the training loss or its gradients were NaN or infinite at step {step}: that update was "
-                "skipped, so the weights and checkpoints/ stay finite; start again with a lower model.lr or "
-                "more model.warmup_steps (a new run can start from a saved checkpoint's weights)"
-            )
+        if step < 0:
+            return
+        if step == self._first_step:  # no update yet, so not the learning rate
+            fix = (f"at this run's first step, from the weights it started with: check them, and model.dropout "
+                   f"(here {self.hparams.dropout}; near 1 its gradients overflow)")
+        else:
+            fix = ("start again with a lower model.lr or more model.warmup_steps (a new run can start from a "
+                   "saved checkpoint's weights)")
+        raise UserError(f"the training loss or its gradients were NaN or infinite at step {step}: that update was "
+                        f"skipped, so the weights and checkpoints/ stay finite; {fix}")
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int):
         # After this step's work is queued: the host waits once for it and for the logged values.
@@ -212,6 +216,7 @@ class MLMModule(L.LightningModule):
 
     def on_train_start(self):
         self.nonfinite_step = torch.tensor(-1, device=self.device)  # the first with NaN/inf gradients
+        self._first_step = self.global_step  # (a resumed run's: its checkpoint's)
         states, self._saved_rng = self._saved_rng, None
         if states:
             torch.set_rng_state(states["torch"])

@@ -53,6 +53,13 @@ class StepProgressBar(TQDMProgressBar):
             self._show(trainer, bar, refresh=False)
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # and redraws, once a step
 
+    def on_exception(self, trainer, pl_module, exception):
+        # The bars' line ends, so that what comes next (the save's log, how to resume, an
+        # `error:` line) starts a line of its own rather than trailing the bar.
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None:
+                bar.close()
+
     @staticmethod
     def _show(trainer, bar, refresh: bool = True):
         if bar.disable:
