@@ -22,7 +22,7 @@ from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
 from bert_mlm.cadence import validation_cadence
 from bert_mlm.checks import building, check_config
-from bert_mlm.errors import find_cause
+from bert_mlm.errors import config_errors_in_one_line, find_cause
 from bert_mlm.exits import print_resume_command, record_in_log, user_message
 from bert_mlm.interrupt import StopTogether, stop_signals
 from bert_mlm.pretrained import load_tokenizer
@@ -34,6 +34,7 @@ from bert_mlm.sweep_stop import job_lock
 from bert_mlm.vocab import run_vocabulary
 
 silence_library_noise()
+config_errors_in_one_line()
 
 
 def build(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[MLMModule, MLMDataModule, L.Trainer]:

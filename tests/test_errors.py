@@ -162,7 +162,15 @@ def test_fill_mask_refuses_top_k_of_0(capsys):
     assert exit.value.code == 2 and err == ["error: argument --top-k: invalid int value: 'x' (python -m fill_mask --help)"]
 
 
-def test_unknown_option_is_named(tmp_path):
-    proc = run_train_here(tmp_path / "run", *SMOKE, "data.no_such_key=1")
-    assert proc.returncode != 0 and "no_such_key" in proc.stderr
-    assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize("overrides, line", [
+    (["data.no_such_key=1"], "data.no_such_key is not a setting: check its spelling (python -m train --cfg job lists "
+                             "them), or add it with +data.no_such_key=1"),
+    (["trainer=gpus"], "trainer=gpus is not one of the options: cpu, ddp, default, gpu, mixed"),
+    (["model.lr"], "on the command line: Error parsing override 'model.lr' missing EQUAL at '<EOF>'"),
+    (["-m", "model.lr=1e-3,2e-3", "experiment=smok"], "experiment=smok is not one of the options: scratch-wikitext, smoke"),
+])
+def test_a_command_line_hydra_cannot_compose_ends_in_one_error_line(tmp_path, overrides, line):
+    # Hydra's own: several lines, a note on HYDRA_FULL_ERROR, and status 1.
+    proc = run_train_here(tmp_path / "run", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {line}"], proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

@@ -1,8 +1,13 @@
 """Bad input the user can fix, and how it is told: one `error:` line and a non-zero exit."""
 
+import os
+import re
 import sys
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import hydra._internal.utils as hydra_utils  # (Hydra 1.3) run_and_report: see config_errors_in_one_line
+from hydra.errors import ConfigCompositionException, OverrideParseException
 
 
 class UserError(Exception):
@@ -25,3 +30,35 @@ def find_cause(err: BaseException | None, kind: type | tuple[type, ...]) -> Base
 def refuse(err: UserError | str, code: int = 2) -> NoReturn:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(code)
+
+
+def config_error_line(err: Exception) -> str:
+    """Hydra's message for a command line it could not compose (an unknown key or option, bad
+    override syntax), as one line."""
+    text = str(err).split("\nConfig search path:")[0]
+    if unknown := re.search(r"Could not override '(.+)'\.\nTo append to your config use (\S+)", text):
+        return (f"{unknown[1]} is not a setting: check its spelling (python -m train --cfg job lists them), "
+                f"or add it with {unknown[2]}")
+    if missing := re.search(r"Could not find '(.+)/([^/]+)'\n\nAvailable options in '.+':\n(.*)", text, re.S):
+        return f"{missing[1]}={missing[2]} is not one of the options: {', '.join(missing[3].split())}"
+    lines = (line.strip() for line in text.splitlines() if not line.startswith("See https://hydra.cc"))
+    return "on the command line: " + " ".join(line for line in lines if line)
+
+
+def config_errors_in_one_line() -> None:
+    """A command line Hydra cannot compose ends like any bad input: one `error:` line, status 2
+    (Hydra prints its message over several lines, with a note on HYDRA_FULL_ERROR, status 1)."""
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def composing() -> Any:
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                refuse(config_error_line(err))
+
+        return report(composing)
+
+    hydra_utils.run_and_report = run_and_report
