@@ -32,10 +32,23 @@ def refuse(err: UserError | str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+# The Hydra plugins of pyproject.toml's optional extras: their configs, and the option of ours that uses each.
+EXTRAS = {"hydra/launcher/joblib": ("hydra/launcher=parallel", "parallel"),
+          "hydra/launcher/submitit_slurm": ("hydra/launcher=slurm", "slurm"),
+          "hydra/sweeper/optuna": ("hparams_search=optuna", "sweep")}
+
+
 def config_error_line(err: Exception) -> str:
     """Hydra's message for a command line it could not compose (an unknown key or option, bad
-    override syntax), as one line."""
+    override syntax, an option whose plugin is not installed), as one line."""
     text = str(err).split("\nConfig search path:")[0]
+    if plugin := re.search(r"Could not (?:load|find) '(hydra/(?:launcher|sweeper)/[^/']+)'", text):
+        if plugin[1] in EXTRAS:
+            option, extra = EXTRAS[plugin[1]]
+            return f"{option} needs the {extra} extra, which is not installed: pip install -e \".[{extra}]\""
+    if "Primary config directory not found" in text:  # conf/ is beside src/, in the clone
+        return ("the configs (conf/) were not found: a plain `pip install .` copies src/ only; "
+                "install the clone with `pip install -e .` instead")
     if unknown := re.search(r"Could not override '(.+)'\.\nTo append to your config use (\S+)", text):
         return (f"{unknown[1]} is not a setting: check its spelling (python -m train --cfg job lists them), "
                 f"or add it with {unknown[2]}")

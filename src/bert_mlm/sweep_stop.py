@@ -27,14 +27,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from joblib import register_parallel_backend
-from joblib._parallel_backends import LokyBackend  # (joblib 1.6) the only way in: see stop_jobs_together
-from joblib.externals.loky.process_executor import _ExecutorManagerThread  # and to a dead worker's: _stop_first
 from tqdm import tqdm
 
 from bert_mlm.exits import finish_sweep_line
 
-_terminate_broken = _ExecutorManagerThread.terminate_broken  # loky's own
+_terminate_broken = None  # in the sweep's process: loky's own reply to a dead worker (_stop_first)
 _sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
 _in_job = False  # in a worker: whether it runs a job now
 STOPPING = "stopping"  # in the folder of job locks: the sweep is stopping, start no job
@@ -42,6 +39,15 @@ _locks: Path | None = None  # in the sweep's process: that folder
 _stopping = False
 _handlers: tuple = ()  # the sweep process's own, put back at its end
 _worker_died: str | None = None  # in the sweep's process: why it stops, if a worker died
+
+
+def _joblib() -> tuple:
+    """joblib (the `parallel` extra), imported only as a sweep side by side starts or ends, so
+    that an install without it still trains."""
+    from joblib import register_parallel_backend
+    from joblib._parallel_backends import LokyBackend  # (joblib 1.6) the only way in: see stop_jobs_together
+    from joblib.externals.loky.process_executor import _ExecutorManagerThread  # and to a dead worker's: _stop_first
+    return register_parallel_backend, LokyBackend, _ExecutorManagerThread
 
 
 def _in_worker(sweep_pid: int, locks: str) -> None:
@@ -67,7 +73,8 @@ def _end_with_the_sweep(sweep_pid: int) -> None:
 
 def stop_jobs_together(sweep_dir: str) -> None:
     """In the sweep's process, before its workers start (a Hydra callback's on_multirun_start)."""
-    global _locks, _handlers, _stopping, _worker_died
+    global _locks, _handlers, _stopping, _worker_died, _terminate_broken
+    register_parallel_backend, LokyBackend, _ExecutorManagerThread = _joblib()
     _stopping, _worker_died = False, None
     _locks = Path(sweep_dir) / ".jobs"  # beside .gpus/; left by a sweep killed outright, cleared here
     shutil.rmtree(_locks, ignore_errors=True)
@@ -113,10 +120,11 @@ def stop_jobs_together(sweep_dir: str) -> None:
         sys.exit(128 + signum)  # joblib kills its workers as this passes
 
     _handlers = signal.signal(signal.SIGINT, on_stop), signal.signal(signal.SIGTERM, on_stop)
+    _terminate_broken = _ExecutorManagerThread.terminate_broken
     _ExecutorManagerThread.terminate_broken = _stop_first
 
 
-def _stop_first(manager: _ExecutorManagerThread, error: BaseException) -> None:
+def _stop_first(manager, error: BaseException) -> None:
     """loky's reply to a worker that died (in its own thread): the other workers killed at once.
     Instead the sweep stops first, as on SIGTERM (on_stop, in the main thread), and this waits
     until the running jobs have saved and ended."""
@@ -134,6 +142,7 @@ def end() -> None:
     """In the sweep's process, at its end: joblib, the signal handlers and no lock folder, as before."""
     global _locks, _handlers
     if _locks:
+        register_parallel_backend, LokyBackend, _ExecutorManagerThread = _joblib()
         register_parallel_backend("loky", LokyBackend)
         _ExecutorManagerThread.terminate_broken = _terminate_broken
         signal.signal(signal.SIGINT, _handlers[0])
