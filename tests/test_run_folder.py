@@ -90,7 +90,7 @@ def test_a_sweep_into_an_earlier_sweep_folder_is_refused(tmp_path):
     assert (sweep_dir / "1" / "metrics.json").read_bytes() == before["1/metrics.json"]
 
 
-def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
+def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     cache = tmp_path / "cache"
     proc = run_train_here(run_dir, *SMOKE, f"data.cache_dir={cache}", "prepare_only=true")
@@ -99,6 +99,13 @@ def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path):
     assert not holds_run(run_dir) and any(cache.rglob("cache-*.arrow"))
     assert [p.name for p in run_dir.iterdir()] in ([], ["train.log"])  # a log only if something was logged
     assert not (run_dir / "train.log").exists() or (run_dir / "train.log").read_text()
+    # In Hydra's own folder (outputs/DATE/TIME, made for the run): none is left behind, empty.
+    monkeypatch.chdir(tmp_path)
+    proc = run_train_here(None, *SMOKE, f"data.cache_dir={cache}", "prepare_only=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    left = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert [p.name for p in left] in ([], ["train.log"])
+    assert left or list((tmp_path / "outputs").rglob("*")) == []  # no empty DATE/TIME
 
 
 def test_a_folder_another_run_works_in_is_refused(tmp_path):

@@ -22,7 +22,16 @@ def _timestamped(node: DictConfig) -> bool:
     return "${now:" in str(OmegaConf.to_container(node, resolve=False).get("dir"))
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """A folder made here, outputs/DATE/TIME, with nothing in it (and its day's, if no other run is in it)."""
+    with suppress(OSError):
+        folder.rmdir()
+        folder.parent.rmdir()
+
+
 class Preflight(Callback):
+    _made: Path | None = None  # the run folder Hydra named by the time (outputs/DATE/TIME), made here
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # The run folder: Hydra's, unless output_dir was given in its place.
         given = not OmegaConf.is_interpolation(config, "output_dir")
@@ -30,7 +39,7 @@ class Preflight(Callback):
         run_dir_given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
         made = not given and _timestamped(config.hydra.run)  # Hydra's own, outputs/DATE/TIME
         if made:
-            folder = new_folder(folder)
+            folder = self._made = new_folder(folder)
             with read_write(config.hydra.run):
                 config.hydra.run.dir = str(folder)
         if config.prepare_only:  # it trains nothing: no .hydra/ record, over that of a run in the folder
@@ -68,10 +77,12 @@ class Preflight(Callback):
         except UserError as err:
             release()
             if made:
-                with suppress(OSError):  # made empty here (and its day's, if no other run is in it)
-                    folder.rmdir()
-                    folder.parent.rmdir()
+                _remove_if_empty(folder)
             refuse(err)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        if config.prepare_only and self._made:  # it wrote into the cache, not there (but a vocabulary, a log)
+            _remove_if_empty(self._made)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(OmegaConf.select(config, "hydra.sweep.dir"))
