@@ -295,6 +295,17 @@ def test_more_jobs_at_once_than_gpus_is_refused(tmp_path):
     assert last_error(proc).startswith(f"error: hydra.launcher.n_jobs={n} runs {n} jobs at once, one GPU each, but")
 
 
+def test_jobs_side_by_side_with_a_joblib_it_was_not_made_for_are_refused(tmp_path, monkeypatch):
+    import joblib
+
+    monkeypatch.setattr(joblib, "__version__", "1.4.2")  # its LokyBackend takes no initializer
+    proc = run_train_here(tmp_path / "unused", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMOKE,
+                          "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=1,2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        'error: hydra/launcher=parallel needs joblib 1.5 or 1.6, not 1.4.2: pip install -e ".[parallel]"']
+    assert not any((tmp_path / "sweep").glob("*/.hydra"))  # no job started
+
+
 def test_the_summary_lists_failed_jobs_in_job_order(tmp_path):
     from bert_mlm.sweep import summarize
 

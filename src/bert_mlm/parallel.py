@@ -76,7 +76,10 @@ class SideBySide(Callback):
             refuse(UserError(f"hydra.launcher.n_jobs={n} runs {n} jobs at once, one GPU each, but {gpus} GPUs are "
                              f"visible: set hydra.launcher.n_jobs={gpus} or fewer"))
         if n > 1:  # in worker processes (with one, joblib runs the jobs in this one)
-            sweep_stop.stop_jobs_together(config.hydra.sweep.dir)
+            try:
+                sweep_stop.stop_jobs_together(config.hydra.sweep.dir)
+            except UserError as err:
+                refuse(err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_stop.end()

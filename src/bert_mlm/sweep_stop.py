@@ -29,8 +29,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bert_mlm.errors import UserError
 from bert_mlm.exits import finish_sweep_line
 
+JOBLIB = ("1.5", "1.6")  # the joblib releases it works with (1.5 added backend initializers): pyproject.toml
 _terminate_broken = None  # in the sweep's process: loky's own reply to a dead worker (_stop_first)
 _sweep: tuple[int, Path] | None = None  # in a worker: the sweep's process and the folder of job locks
 _in_job = False  # in a worker: whether it runs a job now
@@ -43,9 +45,13 @@ _worker_died: str | None = None  # in the sweep's process: why it stops, if a wo
 
 def _joblib() -> tuple:
     """joblib (the `parallel` extra), imported only as a sweep side by side starts or ends, so
-    that an install without it still trains."""
+    that an install without it still trains; of the releases whose insides this reaches into."""
+    import joblib
+    if ".".join(joblib.__version__.split(".")[:2]) not in JOBLIB:
+        raise UserError(f"hydra/launcher=parallel needs joblib {' or '.join(JOBLIB)}, not {joblib.__version__}: "
+                        'pip install -e ".[parallel]"')
     from joblib import register_parallel_backend
-    from joblib._parallel_backends import LokyBackend  # (joblib 1.6) the only way in: see stop_jobs_together
+    from joblib._parallel_backends import LokyBackend  # the only way in: see stop_jobs_together
     from joblib.externals.loky.process_executor import _ExecutorManagerThread  # and to a dead worker's: _stop_first
     return register_parallel_backend, LokyBackend, _ExecutorManagerThread
 
