@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF, SMOKE
+from conftest import CONF, SMOKE, run_train_here
 
 # Every config file on disk but train.yaml, as (group, option).
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*/*.yaml"))
@@ -132,3 +132,12 @@ def test_callbacks_and_logger_can_be_left_out(cfg_of, off):
     else:  # all of ours but that one
         assert any(isinstance(c, Throughput) for c in trainer.callbacks)
         assert not any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks)
+
+
+def test_help_says_how_to_run_and_lists_the_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_train_here(None, "--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("python -m train [group=option ...] [key=value ...]: train BERT")
+    assert "trainer: cpu, ddp, default, gpu, mixed" in proc.stdout and "python -m train --cfg job" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written
