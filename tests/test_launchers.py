@@ -282,6 +282,7 @@ def test_processes_started_together(tmp_path, monkeypatch):
     # Each process would name its own timestamped run folder.
     line = last_error(run_train_here(None, *SMOKE))
     assert line.startswith("error: under torchrun or srun all processes need one run folder"), line
-    # Each would train the tokenizer and write it into the run folder at once.
-    line = last_error(run_train_here(tmp_path / "run", *SMOKE, "tokenizer.train=true"))
+    # Each would train the tokenizer and write it into the run folder at once. (A folder named by
+    # output_dir, as by hydra.run.dir, passes the check above.)
+    line = last_error(run_train_here(None, *SMOKE, f"output_dir={tmp_path / 'run'}", "tokenizer.train=true"))
     assert line.startswith("error: under torchrun or srun, train the tokenizer first"), line

@@ -108,6 +108,16 @@ def test_prepare_only_fills_the_cache_and_trains_nothing(tmp_path, monkeypatch):
     assert left or list((tmp_path / "outputs").rglob("*")) == []  # no empty DATE/TIME
 
 
+def test_output_dir_is_the_whole_run_folder(tmp_path, monkeypatch):
+    # Given in place of hydra.run.dir, Hydra's own files go there too, not to outputs/DATE/TIME.
+    monkeypatch.chdir(tmp_path)
+    proc = run_train_here(None, *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+                          "output_dir=mine")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mine" / ".hydra" / "overrides.yaml").is_file() and holds_run(tmp_path / "mine")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_folder_another_run_works_in_is_refused(tmp_path):
     """A resubmitted job, or a second terminal, while the first run still goes: refused before
     anything in the folder is touched (the other run holds an flock on it)."""

@@ -36,12 +36,13 @@ class Preflight(Callback):
         # The run folder: Hydra's, unless output_dir was given in its place.
         given = not OmegaConf.is_interpolation(config, "output_dir")
         folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
-        run_dir_given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        # Named by the command line: then all processes of a DDP run (torchrun, srun) take the same one.
+        named = given or any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
         made = not given and _timestamped(config.hydra.run)  # Hydra's own, outputs/DATE/TIME
         if made:
             folder = self._made = new_folder(folder)
-            with read_write(config.hydra.run):
-                config.hydra.run.dir = str(folder)
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(folder)  # Hydra's own files (.hydra/, train.log) go there too
         if config.prepare_only:  # it trains nothing: no .hydra/ record, over that of a run in the folder
             with read_write(config.hydra):
                 config.hydra.output_subdir = None
@@ -60,7 +61,7 @@ class Preflight(Callback):
             if not config.overwrite:  # an overwrite=true killed while it checked its data: the run is still there
                 put_back(folder)
             check_config(cfg)
-            check(config.trainer.get("strategy"), multirun=False, run_dir_given=run_dir_given)
+            check(config.trainer.get("strategy"), multirun=False, run_dir_given=named)
             # Every process of a DDP run checks the folder, so that all of them stop on a
             # refusal (one left waiting for the others would hang until the process group's
             # time-out). prepare_only writes nothing there but a vocabulary, which checks itself.
