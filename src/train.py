@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
@@ -28,8 +28,8 @@ from bert_mlm.interrupt import StopTogether, stop_signals
 from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
-from bert_mlm.run_folder import (NEW_RECORD, RECORD, accept_record, drop_new_record, keep_failed_log, release,
-                                 replacing, resumes)
+from bert_mlm.run_folder import (NEW_RECORD, RECORD, accept_record, claim, drop_new_record, hold, keep_failed_log,
+                                 release, replacing, resumes)
 from bert_mlm.sweep_stop import job_lock
 from bert_mlm.vocab import run_vocabulary
 
@@ -120,8 +120,12 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
-    module, datamodule, trainer = build(cfg, callbacks)
     ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=launch.in_sweep())
+    if launch.in_sweep() and not OmegaConf.is_interpolation(cfg, "output_dir"):
+        # A job of a sweep over output_dir=a,b (the sweep's own folders are checked as it starts): checked as a run's
+        hold(output_dir)
+        claim(output_dir, resumes(ckpt_path, output_dir), cfg.overwrite, where="output_dir")
+    module, datamodule, trainer = build(cfg, callbacks)
     done = output_dir / "metrics.json"
     if ckpt_path:  # of the same settings (or refused); a run that finished is refused, but in a sweep
         finished = done.exists() and not launch.in_sweep()

@@ -306,11 +306,35 @@ def test_jobs_side_by_side_with_a_joblib_it_was_not_made_for_are_refused(tmp_pat
     assert not any((tmp_path / "sweep").glob("*/.hydra"))  # no job started
 
 
+def test_output_dir_in_a_sweep_is_a_folder_per_job_or_refused(tmp_path):
+    args = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}",
+            "trainer.max_steps=2"]
+    # One folder for every job: each would train over the one before (and did).
+    line = last_error(run_train_here(None, *args, f"output_dir={tmp_path / 'one'}", "seed=1,2"))
+    assert line == (f"error: output_dir={tmp_path / 'one'} would be the run folder of every job of the sweep: "
+                    "leave it out (job N goes to hydra.sweep.dir/N)")
+    assert not (tmp_path / "one").exists() and not (tmp_path / "sweep").exists()
+    # A folder of its own per job: the summary reads each job's metrics there.
+    swept = f"output_dir={tmp_path / 'a'},{tmp_path / 'b'}"
+    proc = run_train_here(None, *args, swept)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert {r["val/loss"] for r in rows} == {str(json.loads((tmp_path / d / "metrics.json").read_text())["after"]
+                                                 ["val/loss"]) for d in "ab"}
+    # The same sweep again: a folder that holds a run is refused, as for a single run, and kept.
+    kept = (tmp_path / "a" / "checkpoints" / "last.ckpt").read_bytes()
+    proc = run_train_here(None, *args, swept, "seed=3")
+    assert proc.returncode == 1 and f"error: {tmp_path / 'a'} already holds a run" in proc.stderr
+    assert (tmp_path / "a" / "checkpoints" / "last.ckpt").read_bytes() == kept
+
+
 def test_the_summary_lists_failed_jobs_in_job_order(tmp_path):
     from bert_mlm.sweep import summarize
 
     for job in ("10", "2", "1"):  # three failed jobs: no metrics.json to sort them by
         (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "config.yaml").write_text("output_dir: ${hydra:runtime.output_dir}\n")
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}e-4\n")
     assert [row["job"] for row in summarize(tmp_path)] == ["1", "2", "10"]
     # Job 2 holds the metrics.json of an earlier run: not this sweep's, so not its result.

@@ -98,6 +98,9 @@ class Preflight(Callback):
             if sweep.exists() and not sweep.is_dir():
                 raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
             check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
+            if not OmegaConf.is_interpolation(config, "output_dir"):  # given, and not swept (output_dir=a,b)
+                raise UserError(f"output_dir={config.output_dir} would be the run folder of every job of the "
+                                "sweep: leave it out (job N goes to hydra.sweep.dir/N)")
             if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_")) and \
                     OmegaConf.select(config, "trainer.limit_val_batches") == 0:
                 raise UserError("hparams_search=optuna minimises the final val/loss: validation cannot be off "

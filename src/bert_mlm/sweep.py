@@ -17,6 +17,13 @@ from bert_mlm.module import VAL_METRICS
 from bert_mlm.run_folder import RECORD
 
 
+def run_folder(job: Path) -> Path:
+    """Where a job trained: its own folder, or the one a swept output_dir=a,b named it (its
+    record keeps the setting as given: the default is an interpolation)."""
+    record = OmegaConf.load(job / RECORD / "config.yaml")
+    return job if OmegaConf.is_interpolation(record, "output_dir") else Path(record.output_dir)
+
+
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     """Writes summary.csv and returns its rows: the jobs started `since` (a time.time()),
     not those an earlier sweep into the same folder left: a job of this sweep wrote its record,
@@ -28,7 +35,7 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     started = [p for p in sweep_dir.iterdir() if (p / RECORD / "overrides.yaml").is_file()
                and (new(p) or new(p / RECORD / "overrides.yaml"))]
     for job in sorted(started, key=lambda p: (len(p.name), p.name)):  # 2 before 10
-        metrics_file = job / "metrics.json"
+        metrics_file = run_folder(job) / "metrics.json"
         # One from before this sweep is an earlier run's: this job (a refused resume) failed.
         done = metrics_file.is_file() and new(metrics_file)
         metrics = json.loads(metrics_file.read_text()) if done else {}
