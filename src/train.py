@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bert_mlm import MLMDataModule, MLMModule, UserError, launch, report, resume
 from bert_mlm import parallel  # noqa: F401 (registers the resolver conf/hydra/launcher/parallel.yaml uses)
@@ -29,7 +29,7 @@ from bert_mlm.pretrained import load_tokenizer
 from bert_mlm.quiet import silence_library_noise
 from bert_mlm.requeue import SIGNAL, Requeue, stop_on_slurm_warning
 from bert_mlm.run_folder import (NEW_RECORD, RECORD, accept_record, claim, drop_new_record, hold, keep_failed_log,
-                                 release, replacing, resumes)
+                                 output_dir_given, release, replacing, resumes)
 from bert_mlm.sweep_stop import job_lock
 from bert_mlm.vocab import run_vocabulary
 
@@ -121,7 +121,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Trains as `cfg` says and returns what it writes to `metrics.json`."""
     output_dir = Path(cfg.output_dir)
     ckpt_path = resume.resolve(cfg.ckpt_path, output_dir, sweep_job=launch.in_sweep())
-    if launch.in_sweep() and not OmegaConf.is_interpolation(cfg, "output_dir"):
+    if launch.in_sweep() and output_dir_given(cfg):
         # A job of a sweep over output_dir=a,b (the sweep's own folders are checked as it starts): checked as a run's
         hold(output_dir)
         claim(output_dir, resumes(ckpt_path, output_dir), cfg.overwrite, where="output_dir")

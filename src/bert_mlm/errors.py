@@ -42,10 +42,10 @@ def config_error_line(err: Exception) -> str:
     """Hydra's message for a command line it could not compose (an unknown key or option, bad
     override syntax, an option whose plugin is not installed), as one line."""
     text = str(err).split("\nConfig search path:")[0]
-    if plugin := re.search(r"Could not (?:load|find) '(hydra/(?:launcher|sweeper)/[^/']+)'", text):
-        if plugin[1] in EXTRAS:
-            option, extra = EXTRAS[plugin[1]]
-            return f"{option} needs the {extra} extra, which is not installed: pip install -e \".[{extra}]\""
+    plugin = re.search(r"Could not (?:load|find) '(hydra/(?:launcher|sweeper)/[^/']+)'", text)
+    if plugin and plugin[1] in EXTRAS:
+        option, extra = EXTRAS[plugin[1]]
+        return f"{option} needs the {extra} extra, which is not installed: pip install -e \".[{extra}]\""
     if "Primary config directory not found" in text:  # conf/ is beside src/, in the clone
         return ("the configs (conf/) were not found: a plain `pip install .` copies src/ only; "
                 "install the clone with `pip install -e .` instead")

@@ -13,7 +13,8 @@ from bert_mlm.checks import check_config
 from bert_mlm.errors import UserError, refuse
 from bert_mlm.launch import check, launched_rank
 from bert_mlm.resume import resolve
-from bert_mlm.run_folder import NEW_RECORD, RECORD, claim, hold, new_folder, put_back, release, resumes
+from bert_mlm.run_folder import (NEW_RECORD, RECORD, claim, hold, new_folder, output_dir_given, put_back, release,
+                                 resumes)
 
 
 def _timestamped(node: DictConfig) -> bool:
@@ -34,7 +35,7 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # The run folder: Hydra's, unless output_dir was given in its place.
-        given = not OmegaConf.is_interpolation(config, "output_dir")
+        given = output_dir_given(config)
         folder = Path(config.output_dir if given else OmegaConf.select(config, "hydra.run.dir"))
         # Named by the command line: then all processes of a DDP run (torchrun, srun) take the same one.
         named = given or any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
@@ -98,7 +99,7 @@ class Preflight(Callback):
             if sweep.exists() and not sweep.is_dir():
                 raise UserError(f"the sweep folder {sweep} is a file: give a folder (hydra.sweep.dir=...)")
             check(OmegaConf.select(config, "trainer.strategy"), multirun=True, run_dir_given=True)
-            if not OmegaConf.is_interpolation(config, "output_dir"):  # given, and not swept (output_dir=a,b)
+            if output_dir_given(config):  # and not swept (output_dir=a,b)
                 raise UserError(f"output_dir={config.output_dir} would be the run folder of every job of the "
                                 "sweep: leave it out (job N goes to hydra.sweep.dir/N)")
             if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_")) and \

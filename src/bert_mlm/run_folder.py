@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import UserError
 from bert_mlm.launch import in_sweep
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 
 _held: tuple[Path, int] | None = None  # the run folder this process holds, and its open descriptor
+
+
+def output_dir_given(config: DictConfig) -> bool:
+    """Whether output_dir names the run folder in place of Hydra's: its default is an
+    interpolation (${hydra:runtime.output_dir}), in a run's config and in its .hydra/ record."""
+    return not OmegaConf.is_interpolation(config, "output_dir")
 
 
 def hold(folder: Path) -> None:

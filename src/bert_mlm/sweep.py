@@ -14,14 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from bert_mlm.errors import refuse
 from bert_mlm.module import VAL_METRICS
-from bert_mlm.run_folder import RECORD
+from bert_mlm.run_folder import RECORD, output_dir_given
 
 
 def run_folder(job: Path) -> Path:
-    """Where a job trained: its own folder, or the one a swept output_dir=a,b named it (its
-    record keeps the setting as given: the default is an interpolation)."""
+    """Where a job trained: its own folder, or the one a swept output_dir=a,b named."""
     record = OmegaConf.load(job / RECORD / "config.yaml")
-    return job if OmegaConf.is_interpolation(record, "output_dir") else Path(record.output_dir)
+    return Path(record.output_dir) if output_dir_given(record) else job
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
